@@ -1,0 +1,160 @@
+"""Inference encoder: images -> L2-normalised patch grid + global embedding; artifact save/load.
+
+An artifact is a directory:
+    encoder.json          architecture, preprocessing, provenance and the content fingerprint
+    weights.safetensors   backbone weights (the teacher's, for a trained ACE model)
+The fingerprint is a SHA-256 over the weights file and the architecture fields, so an index can
+refuse to be read by any other encoder, and a corrupted weights file is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ace_model.backbone import Backbone
+from ace_model.config import PIXEL_MEAN, PIXEL_STD
+
+ARTIFACT_FORMAT = 1
+CONFIG_FILE = "encoder.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """A missing, corrupt or mismatched encoder artifact."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    backbone: str  # timm model name
+    img_size: int  # model input side in pixels
+    pixel_mean: float = PIXEL_MEAN  # input normalisation mean (all channels)
+    pixel_std: float = PIXEL_STD  # input normalisation std (all channels)
+    provenance: dict[str, Any] = field(default_factory=dict)  # training config, step, source
+
+    def architecture(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "img_size": self.img_size,
+                "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}
+
+
+@dataclass
+class Embeddings:
+    patches: torch.Tensor  # (B, h, w, D) unit-norm patch embeddings
+    global_: torch.Tensor  # (B, D) unit-norm mean of the patch tokens
+
+
+class Encoder(nn.Module):
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = Backbone(spec.backbone, spec.img_size, drop_path=0.0)
+        self.fingerprint = ""  # set when saved or loaded
+        self.eval()
+
+    @property
+    def grid(self) -> int:
+        return self.backbone.grid_size[0]
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.dim
+
+    def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> Embeddings:
+        """images (B, 3, S, S) normalised; valid (B, h*w) bool restricts the global mean."""
+        tokens = self.backbone(images).float()  # (B, h, w, D)
+        flat = tokens.flatten(1, 2)  # (B, h*w, D)
+        if valid is None:
+            pooled = flat.mean(1)
+        else:
+            weights = valid.to(flat.dtype).unsqueeze(-1)
+            pooled = (flat * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return Embeddings(F.normalize(tokens, dim=-1), F.normalize(pooled, dim=-1))
+
+    def save(self, directory: str | Path) -> str:
+        """Write the artifact; returns its fingerprint."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_FILE))
+        self.fingerprint = _fingerprint(out / WEIGHTS_FILE, self.spec)
+        meta = {"format": ARTIFACT_FORMAT, **asdict(self.spec), "fingerprint": self.fingerprint,
+                "grid": self.grid, "dim": self.dim}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return self.fingerprint
+
+
+def _fingerprint(weights: Path, spec: EncoderSpec) -> str:
+    digest = hashlib.sha256()
+    with weights.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(json.dumps(spec.architecture(), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def read_artifact_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"no encoder artifact at {directory}: {CONFIG_FILE} is missing "
+            "(create one with `ace export` or `ace init-encoder`)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON: {err}") from err
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path}: artifact format {meta.get('format')!r}, expected {ARTIFACT_FORMAT}")
+    return dict(meta)
+
+
+def load_encoder(directory: str | Path, expected_fingerprint: str | None = None) -> Encoder:
+    """Load and verify an artifact. Raises ArtifactError with the reason on any problem."""
+    meta = read_artifact_meta(directory)
+    spec = EncoderSpec(meta["backbone"], int(meta["img_size"]), float(meta["pixel_mean"]),
+                       float(meta["pixel_std"]), dict(meta.get("provenance", {})))
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"encoder artifact {directory} has no {WEIGHTS_FILE}")
+    actual = _fingerprint(weights, spec)
+    if actual != meta.get("fingerprint"):
+        raise ArtifactError(
+            f"encoder artifact {directory} is corrupt: weights fingerprint {actual} does not match "
+            f"the recorded {meta.get('fingerprint')}"
+        )
+    if expected_fingerprint is not None and actual != expected_fingerprint:
+        raise ArtifactError(f"encoder {actual} is not the expected encoder {expected_fingerprint}")
+    encoder = Encoder(spec)
+    _load_state(encoder, weights)
+    encoder.fingerprint = actual
+    return encoder
+
+
+def _load_state(encoder: Encoder, weights: Path) -> None:
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"cannot read {weights}: {err}") from err
+    try:
+        encoder.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{weights} does not fit backbone {encoder.spec.backbone} at {encoder.spec.img_size} px: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+
+
+def encoder_from_backbone(backbone: Backbone, provenance: dict[str, Any] | None = None) -> Encoder:
+    """An inference encoder holding a copy of `backbone`'s weights (e.g. the ACE teacher's)."""
+    encoder = Encoder(EncoderSpec(backbone.name, backbone.img_size, provenance=provenance or {}))
+    encoder.backbone.load_state_dict(backbone.state_dict())
+    return encoder

@@ -1,0 +1,69 @@
+"""ACE losses (spec section 4). Computed in float32 whatever the autocast state."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of tokens (B, N, D) over mask (B, N) == True; an empty mask gives zeros."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class OverlapDINOLoss(nn.Module):
+    """Cross-view DINO loss on overlap-pooled embeddings.
+
+    L = 1/2 [ CE(P_S, q_L) + CE(P_L, q_S) ],  P_v = softmax((z_t[v] - c) / tau_t) (no grad),
+    log q_v = log_softmax(z_s[v] / tau_s). The center c is an EMA (momentum m_c) of the mean
+    teacher output over the rows used in the loss, averaged across ranks when distributed.
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float, teacher_temp: float, momentum: float):
+        super().__init__()
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """student, teacher: (2B, K) logits ordered [L; S]."""
+        student, teacher = student.float(), teacher.float().detach()
+        log_q_l, log_q_s = F.log_softmax(student / self.student_temp, dim=-1).chunk(2)
+        p_l, p_s = F.softmax((teacher - self.center) / self.teacher_temp, dim=-1).chunk(2)
+        loss_l = -(p_s * log_q_l).sum(-1).mean()
+        loss_s = -(p_l * log_q_s).sum(-1).mean()
+        self.update_center(teacher)
+        return (loss_l + loss_s) / 2
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor) -> None:
+        batch_sum = teacher.sum(0, keepdim=True)
+        count = torch.tensor([teacher.shape[0]], device=teacher.device, dtype=torch.float32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        batch_mean = batch_sum / count
+        self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+
+
+def alpha_balanced_bce(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float, row_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """phi_a(x, t) = [a t + (1-a)(1-t)] * BCE(sigmoid(x), t), averaged over entries.
+
+    Product form as in torchvision's sigmoid_focal_loss with gamma = 0. With `row_mask` (B, R)
+    the mean runs over kept rows only (spec Q9 option); by default all rows count.
+    """
+    logits, target = logits.float(), target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * bce  # (B, R, C)
+    if row_mask is None:
+        return loss.mean()
+    weights = row_mask.float().unsqueeze(-1)
+    return (loss * weights).sum() / (weights.sum() * loss.shape[-1]).clamp(min=1.0)

@@ -1,0 +1,247 @@
+"""Image decoding and the pixel <-> patch-grid coordinate mapping, shared by training and service.
+
+Every image becomes float32 (H, W, 3) in [0, 1]: 8-bit data / 255, 16-bit PNG and DICOM
+min-max scaled over their actual range (after the DICOM modality and VOI LUTs, MONOCHROME1
+inverted), grey repeated to 3 channels. For the encoder an image is letterboxed: resized to fit
+`size x size` with its aspect ratio kept, then centred on a zero canvas. `CoordinateMap` records
+that transform, so coordinates move exactly between original pixels, model pixels and the grid.
+
+Coordinates are continuous (x right, y down): pixel column i spans [i, i + 1). Grid coordinates
+put patch (r, c)'s centre at (x=c, y=r).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+from ace_model.config import PIXEL_MEAN, PIXEL_STD
+
+DEFAULT_MAX_PIXELS = 64_000_000  # refuse decompression bombs beyond 8k x 8k
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
+
+
+class ImageDecodeError(ValueError):
+    """Input that is not a usable image.
+
+    kind: unsupported | corrupt | multiframe | too_large (the service maps it to a status code).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (H, W, 3) float32 in [0, 1]
+    format: str  # png | jpeg | dicom | ...
+    patient_id: str | None = None  # DICOM PatientID when present
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def _is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode PNG / JPEG / 16-bit PNG / TIFF / DICOM bytes into a DecodedImage."""
+    if not data:
+        raise ImageDecodeError("unsupported", "the file is empty")
+    if _is_dicom(data):
+        return _decode_dicom(data, max_pixels)
+    return _decode_pil(data, max_pixels)
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    return decode_image(Path(path).read_bytes(), max_pixels)
+
+
+def _check_size(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+        )
+    if height < 2 or width < 2:
+        raise ImageDecodeError("corrupt", f"image is {width}x{height} pixels; need at least 2x2")
+
+
+def _decode_pil(data: bytes, max_pixels: int) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_size(image.height, image.width, max_pixels)
+            image.load()
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError("unsupported", "not a PNG, JPEG, TIFF, BMP or DICOM image") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, ImageDecodeError):
+            raise
+        raise ImageDecodeError("corrupt", f"the image file is corrupt or truncated: {err}") from err
+    if getattr(image, "n_frames", 1) > 1:
+        raise ImageDecodeError("multiframe", "multi-frame images are not supported; send one frame")
+    return DecodedImage(_pil_to_float(image), (image.format or "unknown").lower())
+
+
+def _pil_to_float(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_rgb(_minmax(np.asarray(image, dtype=np.float32)))
+    if image.mode in ("L", "LA", "P", "1"):
+        grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return _to_rgb(grey)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+def _to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, None], 3, axis=2).astype(np.float32)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise ImageDecodeError("corrupt", f"the DICOM file is corrupt or truncated: {err}") from err
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageDecodeError(
+            "multiframe", f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported"
+        )
+    if "PixelData" not in ds:
+        raise ImageDecodeError("corrupt", "the DICOM file has no pixel data")
+    _check_size(int(ds.Rows), int(ds.Columns), max_pixels)
+    pixels = _dicom_pixels(ds)
+    patient = str(ds.get("PatientID", "") or "") or None
+    return DecodedImage(pixels, "dicom", patient)
+
+
+def _dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    try:
+        raw = ds.pixel_array
+    except Exception as err:  # pydicom raises many types for bad/unsupported pixel data
+        raise ImageDecodeError("corrupt", f"cannot decode the DICOM pixel data: {err}") from err
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if raw.ndim == 3:  # colour (e.g. RGB fundus), samples last
+        return _minmax(raw.astype(np.float32)) if raw.dtype != np.uint8 else raw / np.float32(255)
+    values = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
+    grey = _minmax(values)
+    if photometric == "MONOCHROME1":  # high values are dark: invert to the usual display
+        grey = 1.0 - grey
+    return _to_rgb(grey)
+
+
+@dataclass(frozen=True)
+class CoordinateMap:
+    """Letterbox transform of one image: original pixels <-> model pixels <-> patch grid."""
+
+    orig_w: int  # original width in pixels
+    orig_h: int  # original height in pixels
+    size: int  # model input side in pixels
+    grid: int  # tokens per side of the encoder output
+    scale_x: float  # model pixels per original pixel along x
+    scale_y: float  # model pixels per original pixel along y
+    pad_x: float  # left padding in model pixels
+    pad_y: float  # top padding in model pixels
+
+    @classmethod
+    def letterbox(cls, width: int, height: int, size: int, grid: int) -> CoordinateMap:
+        new_w, new_h = _fit(width, height, size)
+        return cls(
+            width, height, size, grid, new_w / width, new_h / height,
+            float((size - new_w) // 2), float((size - new_h) // 2),
+        )
+
+    @property
+    def stride(self) -> float:
+        return self.size / self.grid
+
+    @property
+    def content_size(self) -> tuple[int, int]:
+        return round(self.orig_w * self.scale_x), round(self.orig_h * self.scale_y)
+
+    def to_model(self, xy: np.ndarray) -> np.ndarray:
+        xy = np.asarray(xy, dtype=np.float64)
+        return np.stack([xy[..., 0] * self.scale_x + self.pad_x,
+                         xy[..., 1] * self.scale_y + self.pad_y], axis=-1)
+
+    def to_original(self, model_xy: np.ndarray) -> np.ndarray:
+        m = np.asarray(model_xy, dtype=np.float64)
+        return np.stack([(m[..., 0] - self.pad_x) / self.scale_x,
+                         (m[..., 1] - self.pad_y) / self.scale_y], axis=-1)
+
+    def to_grid(self, xy: np.ndarray) -> np.ndarray:
+        """Original pixels -> continuous grid coordinates (patch centres at integers)."""
+        return self.to_model(xy) / self.stride - 0.5
+
+    def from_grid(self, grid_xy: np.ndarray) -> np.ndarray:
+        return self.to_original((np.asarray(grid_xy, dtype=np.float64) + 0.5) * self.stride)
+
+    def patch_of(self, xy: np.ndarray) -> np.ndarray:
+        """(..., 2) original pixels -> (..., 2) integer (row, col) of the covering patch."""
+        m = np.floor(self.to_model(xy) / self.stride).astype(np.int64)
+        m = np.clip(m, 0, self.grid - 1)
+        return np.stack([m[..., 1], m[..., 0]], axis=-1)
+
+    def contains(self, xy: np.ndarray) -> np.ndarray:
+        xy = np.asarray(xy, dtype=np.float64)
+        inside_x = (xy[..., 0] >= 0) & (xy[..., 0] <= self.orig_w)
+        return inside_x & (xy[..., 1] >= 0) & (xy[..., 1] <= self.orig_h)
+
+    def patch_centres(self) -> np.ndarray:
+        """(grid*grid, 2) original-pixel (x, y) of every patch centre, row-major."""
+        rows, cols = np.divmod(np.arange(self.grid * self.grid), self.grid)
+        return self.from_grid(np.stack([cols, rows], axis=-1))
+
+    def valid_patches(self) -> np.ndarray:
+        """(grid*grid,) bool: patch centre lies on image content, not on letterbox padding."""
+        return self.contains(self.patch_centres())
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _fit(width: int, height: int, size: int) -> tuple[int, int]:
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def letterbox_tensor(image: DecodedImage, size: int) -> torch.Tensor:
+    """(H, W, 3) [0,1] -> (3, size, size) normalised model input, content centred."""
+    new_w, new_h = _fit(image.width, image.height, size)
+    pixels = torch.from_numpy(np.ascontiguousarray(image.pixels)).permute(2, 0, 1)[None]
+    resized = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear",
+                            align_corners=False, antialias=True)[0]
+    canvas = torch.zeros(3, size, size)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[:, top : top + new_h, left : left + new_w] = resized.clamp(0, 1)
+    return (canvas - PIXEL_MEAN) / PIXEL_STD
+
+
+def prepare(image: DecodedImage, size: int, grid: int) -> tuple[torch.Tensor, CoordinateMap]:
+    """Model input (3, size, size) and the coordinate map for one decoded image."""
+    mapping = CoordinateMap.letterbox(image.width, image.height, size, grid)
+    return letterbox_tensor(image, size), mapping
