@@ -28,6 +28,11 @@ class GeometryConfig:
 
     def __post_init__(self) -> None:
         check_geometry(self.grid, self.n)
+        if self.cell < 1:
+            raise ValueError(f"cell (pixels per cell) must be at least 1, got {self.cell}")
+        low, high = self.base_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"base_scale must satisfy 0 < low <= high <= 1, got {self.base_scale}")
 
     @property
     def view_px(self) -> int:

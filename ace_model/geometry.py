@@ -111,6 +111,8 @@ def cut_views(base: np.ndarray, pair: ViewPair, cell: int, n: int) -> tuple[np.n
 
 def check_geometry(grid: int, n: int) -> None:
     """Raise if some offsets could produce views that do not overlap."""
+    if n < 2:
+        raise ValueError(f"n (tokens per view side) must be at least 2, got {n}")
     if n % 2:
         raise ValueError(f"n must be even, got {n}")
     if grid < 2 * n or grid >= 3 * n:
