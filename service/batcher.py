@@ -1,0 +1,163 @@
+"""The inference worker: one thread owns the encoder and runs dynamic batches.
+
+Request handlers call `await batcher.embed(tensors)`; the images join a bounded queue and the
+worker thread takes up to `max_batch_size` of them, waiting at most `max_wait_ms` after the
+first one to fill a batch. Results come back through asyncio futures, so the forward pass never
+runs on the event loop. When the queue cannot take a request's images it is refused at once
+(`QueueFullError` -> 429) instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ace_model.encoder import Encoder
+
+
+class QueueFullError(RuntimeError):
+    """The batcher's queue cannot take more images right now."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    patches: torch.Tensor  # (h, w, D) unit-norm patch embeddings on the CPU
+    queue_ms: float  # time spent waiting for the worker
+    inference_ms: float  # duration of the forward pass of the batch it ran in
+
+
+@dataclass
+class _Item:
+    tensor: torch.Tensor  # (3, S, S) normalised model input
+    future: asyncio.Future[Embedded]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int  # images per forward pass
+    max_wait_ms: float  # wait after the first image to fill a batch
+    queue_size: int  # images allowed to wait
+    device: torch.device  # where the encoder runs
+    autocast: bool  # fp16/bf16 autocast (CUDA only)
+
+
+BatchObserver = Callable[[int, int], None]  # (batch size, queue depth after taking it)
+
+
+class Batcher:
+    def __init__(self, encoder: Encoder, config: BatcherConfig, observe: BatchObserver) -> None:
+        self.config = config
+        self._encoder = encoder.to(config.device).eval()
+        self._observe = observe
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ace-batcher", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    async def embed(self, tensors: list[torch.Tensor]) -> list[Embedded]:
+        """Embed the images together with whatever else is queued; QueueFullError when full."""
+        loop = asyncio.get_running_loop()
+        items = [_Item(tensor, loop.create_future(), loop) for tensor in tensors]
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the service is shutting down")
+            if len(self._queue) + len(items) > self.config.queue_size:
+                raise QueueFullError(
+                    f"the inference queue is full ({len(self._queue)} images waiting); retry later"
+                )
+            self._queue.extend(items)
+            self._cond.notify()
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._process(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._queue:
+                return None
+            deadline = self._queue[0].enqueued + self.config.max_wait_ms / 1000
+            while len(self._queue) < self.config.max_batch_size and not self._stopping:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            take = min(len(self._queue), self.config.max_batch_size)
+            return [self._queue.popleft() for _ in range(take)]
+
+    def _process(self, batch: list[_Item]) -> None:
+        self._observe(len(batch), len(self._queue))
+        started = time.perf_counter()
+        try:
+            patches = self.forward(torch.stack([item.tensor for item in batch]))
+        except Exception as err:  # the worker must survive; each caller gets the error
+            for item in batch:
+                _resolve(item, err)
+            return
+        inference_ms = (time.perf_counter() - started) * 1000
+        for item, grid in zip(batch, patches, strict=True):
+            queue_ms = (started - item.enqueued) * 1000
+            _resolve(item, Embedded(grid, queue_ms, inference_ms))
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, h, w, D) float32 on the CPU. Call only from the worker (or warm-up)."""
+        with self._autocast():
+            out = self._encoder(images.to(self.config.device, non_blocking=True))
+        return out.patches.float().cpu()
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        device = self.config.device
+        if device.type != "cuda" or not self.config.autocast:
+            yield
+            return
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=dtype):
+            yield
+
+
+def _resolve(item: _Item, outcome: Embedded | Exception) -> None:
+    def settle() -> None:
+        if item.future.done():  # the client went away and the handler was cancelled
+            return
+        if isinstance(outcome, Exception):
+            item.future.set_exception(outcome)
+        else:
+            item.future.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):  # the event loop has already closed
+        item.loop.call_soon_threadsafe(settle)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("ACE_DEVICE=cuda but no CUDA device is available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)

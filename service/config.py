@@ -1,0 +1,39 @@
+"""Service settings: every field is also an environment variable with the `ACE_` prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ACE_", extra="ignore")
+
+    encoder: Path  # encoder artifact directory (required)
+    index_root: Path | None = None  # index root (versions/ + CURRENT); None runs without an index
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    autocast: bool = True  # fp16/bf16 autocast on CUDA (CPU always runs fp32)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None keeps torch's default
+    max_batch_size: int = Field(8, ge=1, le=1024)  # images per forward pass
+    max_wait_ms: float = Field(5.0, ge=0)  # how long the worker waits to fill a batch
+    queue_size: int = Field(64, ge=1)  # images waiting for the worker; beyond it requests get 429
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # whole request body, checked while read
+    max_pixels: int = Field(64_000_000, ge=4)  # decoded pixels per image (decompression bombs)
+    max_points: int = Field(64, ge=1)  # points or boxes per request
+    max_targets: int = Field(8, ge=0)  # uploaded target images per request
+    max_image_ids: int = Field(32, ge=0)  # indexed image ids per request
+    max_k: int = Field(100, ge=1)  # largest k (matches per point)
+    poll_interval_s: float = Field(10.0, ge=0)  # CURRENT pointer poll; 0 disables polling
+    api_key: SecretStr | None = None  # required on /admin routes when set
+    cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated allowed origins
+    log_level: str = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value

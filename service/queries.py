@@ -1,0 +1,122 @@
+"""Query points and boxes: parsing the form fields, embedding them, locating them in a target grid.
+
+Points are sampled bilinearly from the query's patch grid; a box is the normalised mean of the
+patches whose centres lie inside it (at least the patch under its centre). A box's match is
+mutual when the found target patch matches back into the box.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ace_model.match import Located, locate, refine_peak, sample_grid, similarity_maps
+from ace_model.preprocess import CoordinateMap
+from service.errors import invalid
+
+
+@dataclass(frozen=True)
+class QueryShapes:
+    points: np.ndarray  # (N, 2) original pixels of the query image (a box's centre)
+    boxes: np.ndarray | None  # (N, 4) x0, y0, x1, y1 when boxes were given
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    vectors: torch.Tensor  # (N, D) unit-norm query embeddings
+    grid_xy: np.ndarray  # (N, 2) query points in grid coordinates
+    regions: torch.Tensor | None  # (N, h*w) bool patches of each box; None for points
+
+
+def parse_shapes(points: str | None, boxes: str | None, max_points: int) -> QueryShapes:
+    if (points is None) == (boxes is None):
+        raise invalid("send exactly one of the form fields `points` or `boxes`")
+    if points is not None:
+        xy = _parse_array(points, "points", 2, max_points)
+        return QueryShapes(xy, None)
+    box = _parse_array(boxes or "", "boxes", 4, max_points)
+    if np.any(box[:, 2] < box[:, 0]) or np.any(box[:, 3] < box[:, 1]):
+        raise invalid("each box must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
+    return QueryShapes((box[:, :2] + box[:, 2:]) / 2, box)
+
+
+def _parse_array(text: str, field: str, width: int, max_rows: int) -> np.ndarray:
+    example = "[[120.5, 80]]" if width == 2 else "[[10, 20, 60, 90]]"
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as err:
+        raise invalid(f"`{field}` is not valid JSON ({err}); expected e.g. {example}") from err
+    if not isinstance(value, list) or not value:
+        raise invalid(f"`{field}` must be a non-empty JSON array, e.g. {example}")
+    if len(value) > max_rows:
+        raise invalid(f"{len(value)} {field} given; at most {max_rows} per request")
+    if not all(_is_numbers(row, width) for row in value):
+        raise invalid(f"every entry of `{field}` must be an array of {width} finite numbers, e.g. {example}")
+    return np.asarray(value, dtype=np.float64).reshape(-1, width)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a coordinate")
+
+
+def _is_numbers(row: object, width: int) -> bool:
+    if not isinstance(row, list) or len(row) != width:
+        return False
+    return all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in row
+    )
+
+
+def check_inside(shapes: QueryShapes, coords: CoordinateMap) -> None:
+    corners = shapes.points if shapes.boxes is None else shapes.boxes.reshape(-1, 2)
+    outside = ~coords.contains(corners)
+    if outside.any():
+        first = corners[int(np.argmax(outside))].tolist()
+        raise invalid(
+            f"coordinate {first} lies outside the query image "
+            f"({coords.orig_w}x{coords.orig_h} pixels; x in [0, {coords.orig_w}], y in [0, {coords.orig_h}])"
+        )
+
+
+def embed_queries(shapes: QueryShapes, grid: torch.Tensor, coords: CoordinateMap) -> QuerySet:
+    """grid: (h, w, D) unit-norm patch embeddings of the query image."""
+    grid_xy = coords.to_grid(shapes.points)
+    if shapes.boxes is None:
+        vectors = sample_grid(grid, torch.as_tensor(grid_xy, dtype=torch.float32))
+        return QuerySet(vectors, grid_xy, None)
+    regions = _box_regions(shapes.boxes, coords)
+    flat = grid.flatten(0, 1)  # (h*w, D)
+    sums = regions.to(flat.dtype) @ flat  # (N, D)
+    return QuerySet(F.normalize(sums, dim=-1), grid_xy, regions)
+
+
+def _box_regions(boxes: np.ndarray, coords: CoordinateMap) -> torch.Tensor:
+    centres = coords.patch_centres()  # (h*w, 2)
+    x, y = centres[None, :, 0], centres[None, :, 1]
+    inside = (x >= boxes[:, 0:1]) & (x <= boxes[:, 2:3]) & (y >= boxes[:, 1:2]) & (y <= boxes[:, 3:4])
+    centre_patch = coords.patch_of((boxes[:, :2] + boxes[:, 2:]) / 2)  # (N, 2) row, col
+    inside[np.arange(len(boxes)), centre_patch[:, 0] * coords.grid + centre_patch[:, 1]] = True
+    return torch.from_numpy(inside)
+
+
+def locate_queries(
+    query: QuerySet, query_grid: torch.Tensor, target_grid: torch.Tensor, target_valid: torch.Tensor
+) -> Located:
+    """Best location of every query in the target grid (h, w, D); grid coordinates out."""
+    if query.regions is None:
+        return locate(query_grid, query.grid_xy, target_grid, target_valid)
+    sim = similarity_maps(query.vectors, target_grid)  # (N, h, w)
+    sim = sim.masked_fill(~target_valid[None], -2.0)
+    w = sim.shape[2]
+    best = sim.flatten(1).argmax(1)
+    rows, cols = best // w, best % w
+    score = sim.flatten(1).gather(1, best[:, None])[:, 0]
+    back = target_grid[rows, cols].float() @ query_grid.float().flatten(0, 1).T  # (N, h*w)
+    mutual = query.regions.gather(1, back.argmax(1, keepdim=True))[:, 0]
+    return Located(refine_peak(sim, rows, cols).numpy(), score.numpy(), mutual.numpy(),
+                   torch.stack([rows, cols], -1).numpy())

@@ -1,0 +1,51 @@
+"""Admin routes; they need the API key (header `X-API-Key` or `Authorization: Bearer`) when one is set."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ApiError
+from service.schemas import ErrorResponse, ReloadResponse
+from service.state import app_state
+
+RELOAD_STATUS = {"swapped": 200, "unchanged": 200, "refused": 409, "missing": 404, "disabled": 409}
+
+
+def require_api_key(
+    request: Request,
+    x_api_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    expected = app_state(request).settings.api_key
+    if expected is None:
+        return
+    given = x_api_key or _bearer(authorization)
+    if given is None or not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise ApiError(401, "missing or wrong API key: send it in the X-API-Key header",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/reload", response_model=ReloadResponse,
+             responses={401: {"model": ErrorResponse}, 404: {"model": ReloadResponse},
+                        409: {"model": ReloadResponse}})
+async def reload(request: Request, force: bool = False) -> JSONResponse:
+    """Serve the index version the CURRENT pointer names (force: reopen even if unchanged)."""
+    state = app_state(request)
+    result = await run_in_threadpool(state.index.reload, force)
+    state.metrics.index_swaps.labels(result.status).inc()
+    body = ReloadResponse(status=result.status, version=result.version, detail=result.detail)
+    return JSONResponse(body.model_dump(), status_code=RELOAD_STATUS[result.status])

@@ -1,0 +1,70 @@
+"""Liveness, readiness and a description of what is served."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.schemas import BatchingInfo, EncoderInfo, Health, IndexInfo, Info, Limits, Readiness
+from service.state import AppState, app_state
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+async def ready(request: Request) -> JSONResponse:
+    readiness = _readiness(app_state(request))
+    return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
+
+
+def _readiness(state: AppState) -> Readiness:
+    index_loaded = state.index.current is not None
+    needs_index = state.settings.index_root is not None
+    ready = state.warmed_up and (index_loaded or not needs_index)
+    if not state.warmed_up:
+        detail = "warming up the encoder"
+    elif needs_index and not index_loaded:
+        detail = f"no index published under {state.settings.index_root} yet"
+    else:
+        detail = "ready"
+    return Readiness(ready=ready, encoder_loaded=True, warmed_up=state.warmed_up,
+                     index_loaded=index_loaded, detail=detail)
+
+
+@router.get("/info", response_model=Info)
+async def info(request: Request) -> Info:
+    state = app_state(request)
+    settings = state.settings
+    root = settings.index_root
+    return Info(encoder=_encoder_info(state), index=_index_info(state),
+                index_root=str(root) if root else None,
+                limits=Limits(max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                              max_points=settings.max_points, max_targets=settings.max_targets,
+                              max_image_ids=settings.max_image_ids, max_k=settings.max_k),
+                batching=_batching_info(state))
+
+
+def _encoder_info(state: AppState) -> EncoderInfo:
+    encoder = state.encoder
+    return EncoderInfo(fingerprint=encoder.fingerprint, backbone=encoder.spec.backbone,
+                       img_size=encoder.spec.img_size, grid=encoder.grid, dim=encoder.dim)
+
+
+def _index_info(state: AppState) -> IndexInfo | None:
+    index = state.index.current
+    if index is None:
+        return None
+    return IndexInfo(version=index.version, num_images=index.num_images, num_patches=index.num_patches)
+
+
+def _batching_info(state: AppState) -> BatchingInfo:
+    config = state.batcher.config
+    return BatchingInfo(device=str(config.device), autocast=config.autocast and config.device.type == "cuda",
+                        max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
+                        queue_size=config.queue_size, threads=torch.get_num_threads())

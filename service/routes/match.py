@@ -1,0 +1,214 @@
+"""POST /match: patch retrieval over the index and correspondence in uploaded or indexed images."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from ace_model.index import PatchIndex
+from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, prepare
+from service.batcher import Batcher, Embedded, QueueFullError
+from service.config import Settings
+from service.errors import ApiError, from_decode_error, invalid
+from service.queries import QuerySet, QueryShapes, check_inside, embed_queries, locate_queries, parse_shapes
+from service.schemas import Correspondence, ErrorResponse, Match, MatchResponse, PointResult, Timing
+from service.state import AppState, app_state
+
+router = APIRouter(tags=["match"])
+
+SELF_PROBE_HITS = 4  # near-duplicates of the query in the index beyond this many are not excluded
+SELF_MIN_SCORE = 0.995  # cosine of a patch with its own float16-stored copy
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (413, 415, 422, 429)
+}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    tensor: torch.Tensor  # (3, S, S) model input
+    coords: CoordinateMap
+
+
+@dataclass(frozen=True)
+class Target:
+    key: int | str  # upload position or indexed image id
+    grid: torch.Tensor  # (h, w, D)
+    coords: CoordinateMap
+
+
+@router.post("/match", response_model=MatchResponse, responses=ERRORS)
+async def match(
+    request: Request,
+    image: Annotated[UploadFile, File(description="query image: PNG, JPEG, TIFF or DICOM")],
+    points: Annotated[str | None, Form(description="JSON [[x, y], ...] in query pixels")] = None,
+    boxes: Annotated[str | None, Form(description="JSON [[x0, y0, x1, y1], ...] instead of points")] = None,
+    k: Annotated[int, Form(description="matches per point from the index")] = 5,
+    targets: Annotated[list[UploadFile] | None, File(description="images to locate every point in")] = None,
+    image_ids: Annotated[str | None, Form(description="JSON array of indexed image ids")] = None,
+) -> MatchResponse:
+    started = time.perf_counter()
+    state = app_state(request)
+    target_files = targets or []
+    ids = _check_request(state.settings, k, len(target_files), image_ids)
+    shapes = parse_shapes(points, boxes, state.settings.max_points)
+    query = await _prepare_upload(image, "image", state)
+    check_inside(shapes, query.coords)
+    uploads = [await _prepare_upload(f, f"targets[{i}]", state) for i, f in enumerate(target_files)]
+    with state.index.lease() as index:
+        _check_ids(index, ids)
+        embedded = await _embed(state.batcher, [query, *uploads])
+        search_started = time.perf_counter()
+        results = await run_in_threadpool(
+            _answer, shapes, query, embedded, uploads, index, ids, k
+        )
+        timing = _timing(embedded, started, search_started)
+        return MatchResponse(encoder=state.encoder.fingerprint,
+                             index_version=index.version if index else None,
+                             results=results, timing_ms=timing)
+
+
+def _check_request(settings: Settings, k: int, n_targets: int, image_ids: str | None) -> list[str]:
+    if not 1 <= k <= settings.max_k:
+        raise invalid(f"k must be between 1 and {settings.max_k}; got {k}")
+    if n_targets > settings.max_targets:
+        raise invalid(f"{n_targets} targets uploaded; at most {settings.max_targets} per request")
+    return _parse_ids(image_ids, settings.max_image_ids)
+
+
+def _parse_ids(text: str | None, max_ids: int) -> list[str]:
+    if text is None:
+        return []
+    try:
+        ids = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')
+    if len(ids) > max_ids:
+        raise invalid(f"{len(ids)} image_ids given; at most {max_ids} per request")
+    return list(dict.fromkeys(ids))  # drop duplicates, keep order
+
+
+def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:
+    if not ids:
+        return
+    if index is None:
+        raise invalid("`image_ids` needs an index, and this service has none loaded")
+    unknown = [i for i in ids if not index.has_image(i)]
+    if unknown:
+        raise invalid(f"unknown image id(s) {unknown[:5]} (index version {index.version})")
+
+
+async def _prepare_upload(upload: UploadFile, what: str, state: AppState) -> Prepared:
+    data = await upload.read()
+    spec = state.encoder.spec
+    try:
+        tensor, coords = await run_in_threadpool(
+            _decode_prepare, data, spec.img_size, state.encoder.grid, state.settings.max_pixels
+        )
+    except ImageDecodeError as err:
+        raise from_decode_error(err, what) from err
+    return Prepared(tensor, coords)
+
+
+def _decode_prepare(data: bytes, size: int, grid: int, max_pixels: int) -> tuple[torch.Tensor, CoordinateMap]:
+    return prepare(decode_image(data, max_pixels), size, grid)
+
+
+async def _embed(batcher: Batcher, images: list[Prepared]) -> list[Embedded]:
+    try:
+        return await batcher.embed([p.tensor for p in images])
+    except QueueFullError as err:
+        raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
+
+
+def _answer(
+    shapes: QueryShapes, query: Prepared, embedded: list[Embedded], uploads: list[Prepared],
+    index: PatchIndex | None, ids: list[str], k: int,
+) -> list[PointResult]:
+    query_grid = embedded[0].patches
+    queries = embed_queries(shapes, query_grid, query.coords)
+    pairs = zip(embedded[1:], uploads, strict=True)
+    targets = [Target(i, e.patches, p.coords) for i, (e, p) in enumerate(pairs)]
+    if index is not None:
+        targets += [_indexed_target(index, image_id) for image_id in ids]
+    matches = _search(index, queries, ids, k, query_grid, query)
+    found = [_correspond(queries, query_grid, target) for target in targets]
+    return [
+        PointResult(point=_pair(shapes.points[n]), box=_quad(shapes.boxes, n), matches=matches[n],
+                    correspondences=[per_target[n] for per_target in found])
+        for n in range(len(shapes.points))
+    ]
+
+
+def _indexed_target(index: PatchIndex, image_id: str) -> Target:
+    grid = torch.from_numpy(np.ascontiguousarray(index.grid(image_id), dtype=np.float32))
+    return Target(image_id, grid, index.record(image_id).coords)
+
+
+def _search(
+    index: PatchIndex | None, queries: QuerySet, ids: list[str], k: int, query_grid: torch.Tensor,
+    query: Prepared,
+) -> list[list[Match]]:
+    if index is None:
+        return [[] for _ in range(len(queries.grid_xy))]
+    vectors = np.ascontiguousarray(queries.vectors.numpy(), dtype=np.float32)
+    exclude = _self_in_index(index, query_grid, query)
+    hits = index.search(vectors, k, image_ids=ids or None, exclude_image_ids=exclude)
+    return [[Match(image_id=h.image_id, patient_id=h.patient_id, x=h.x, y=h.y, score=h.score)
+             for h in row] for row in hits]
+
+
+def _self_in_index(index: PatchIndex, query_grid: torch.Tensor, query: Prepared) -> tuple[str, ...]:
+    """Ids of indexed copies of the query image: the probe patch finds itself, then the grids agree."""
+    _, w, dim = query_grid.shape
+    valid = np.flatnonzero(query.coords.valid_patches())
+    probe = int(valid[len(valid) // 2]) if len(valid) else 0
+    probe_vector = query_grid.reshape(-1, dim)[probe : probe + 1].numpy()
+    row, col = divmod(probe, w)
+    hits = index.search(np.ascontiguousarray(probe_vector, dtype=np.float32), SELF_PROBE_HITS)[0]
+    candidates = {hit.image_id for hit in hits
+                  if hit.score > SELF_MIN_SCORE and (hit.row, hit.col) == (row, col)}
+    return tuple(i for i in sorted(candidates) if _same_grid(index.grid(i), query_grid))
+
+
+def _same_grid(stored: np.ndarray, grid: torch.Tensor) -> bool:
+    # the index stores float16, so an identical image differs by rounding only
+    return stored.shape == tuple(grid.shape) and bool(np.abs(stored - grid.numpy()).max() < 2e-2)
+
+
+def _correspond(queries: QuerySet, query_grid: torch.Tensor, target: Target) -> list[Correspondence]:
+    valid = torch.from_numpy(target.coords.valid_patches()).view(target.grid.shape[:2])
+    located = locate_queries(queries, query_grid, target.grid, valid)
+    xy = target.coords.from_grid(located.xy)
+    return [
+        Correspondence(target=target.key, x=float(xy[n, 0]), y=float(xy[n, 1]),
+                       score=float(located.score[n]), mutual=bool(located.mutual[n]))
+        for n in range(len(xy))
+    ]
+
+
+def _pair(row: np.ndarray) -> tuple[float, float]:
+    return float(row[0]), float(row[1])
+
+
+def _quad(boxes: np.ndarray | None, n: int) -> tuple[float, float, float, float] | None:
+    if boxes is None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in boxes[n])
+    return x0, y0, x1, y1
+
+
+def _timing(embedded: list[Embedded], started: float, search_started: float) -> Timing:
+    now = time.perf_counter()  # images may share a batch or not: report the slowest of each
+    return Timing(queue=max(e.queue_ms for e in embedded),
+                  inference=max(e.inference_ms for e in embedded),
+                  search=(now - search_started) * 1000, total=(now - started) * 1000)
