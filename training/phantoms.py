@@ -1,0 +1,702 @@
+"""Synthetic frontal (PA) chest radiograph phantoms with exact landmark coordinates.
+
+A subject is an `Anatomy`: shapes in a canonical frame of unit coordinates (x right, y down,
+[0, 1] spans the image; patient's right = image left). It is rasterised into a density map
+(soft tissue, air in the lungs, mediastinum, heart, bones, vessels), warped into the image by the
+view's `Pose` (rotation, scale, shift), and exposed by the `Acquisition`: Beer-Lambert
+transmission, Poisson quantum noise, log transform, window, gamma, detector blur.
+Landmarks are points of the same shapes, moved by the same pose matrix as the pixels, so they
+are exact to the interpolation of the warp.
+
+Random streams are separated per subject and per part (anatomy / pose / acquisition / noise), so
+subject k of seed s is the same patient whatever else is generated, and extra views of one
+subject differ only in pose and exposure.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from skimage import draw
+from tqdm import tqdm
+
+from training.landmarks import write_landmarks_csv, write_metadata_csv
+
+LANDMARK_NAMES = (
+    "clavicle_head_left",
+    "clavicle_head_right",
+    "lung_apex_left",
+    "lung_apex_right",
+    "aortic_knob",
+    "carina",
+    "hilum_left",
+    "hilum_right",
+    "heart_border_left",
+    "heart_border_right",
+    "hemidiaphragm_dome_left",
+    "hemidiaphragm_dome_right",
+    "costophrenic_angle_left",
+    "costophrenic_angle_right",
+)
+# Patient's side -> direction on the image in a PA view (patient's left appears on the right).
+SIDES = {"right": -1.0, "left": 1.0}
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    size: int = 512  # image width = height in pixels
+    bit_depth: int = 8  # 8 or 16 (PNG grey levels)
+    max_rotation_deg: float = 7.0  # pose rotation drawn from +-this
+    max_shift: float = 0.07  # pose shift drawn from +-this fraction of the size, per axis
+    scale_range: tuple[float, float] = (0.86, 1.1)  # pose zoom range
+    noise: bool = True  # quantum noise; off gives the expected image (tests)
+
+    def __post_init__(self) -> None:
+        if self.size < 64:
+            raise ValueError(f"phantom size must be at least 64 pixels, got {self.size}")
+        if self.bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}")
+
+
+@dataclass(frozen=True)
+class Pose:
+    rotation_deg: float = 0.0  # counter-clockwise on screen, about the image centre
+    scale: float = 1.0  # zoom about the image centre
+    shift_x: float = 0.0  # pixels, applied after rotation and zoom
+    shift_y: float = 0.0
+
+    def matrix(self, size: int) -> np.ndarray:
+        """(3, 3) affine from canonical pixel coordinates (x, y, 1) to image pixel coordinates."""
+        theta = np.deg2rad(self.rotation_deg)
+        # y points down, so a counter-clockwise turn on screen is a negative angle in (x, y).
+        rot = self.scale * np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
+        centre = np.array([size / 2, size / 2])
+        out = np.eye(3)
+        out[:2, :2] = rot
+        out[:2, 2] = centre - rot @ centre + [self.shift_x, self.shift_y]
+        return out
+
+    def apply(self, xy: np.ndarray, size: int) -> np.ndarray:
+        """Move canonical pixel points (N, 2) into the image."""
+        return xy @ self.matrix(size)[:2, :2].T + self.matrix(size)[:2, 2]
+
+
+@dataclass(frozen=True)
+class LungShape:
+    apex_y: float  # top of the lung
+    apex_off: float  # |x - midline| of the apex
+    lateral_off: float  # widest lateral extent
+    medial_off: float  # medial border behind the mediastinum
+    dome_y: float  # top of the hemidiaphragm
+    dome_off: float  # |x - midline| of the dome top
+    cp_depth: float  # costophrenic angle below the dome top
+    medial_drop: float  # medial end of the diaphragm below the dome top
+
+    @property
+    def cp_y(self) -> float:
+        return self.dome_y + self.cp_depth
+
+    @property
+    def cp_off(self) -> float:
+        return self.lateral_off - 0.025
+
+
+@dataclass(frozen=True)
+class Densities:
+    soft: float  # soft-tissue thickness scale of the body
+    lung_air: float  # fraction of the body density removed inside the lungs
+    mediastinum: float
+    heart: float
+    spine: float
+    rib: float
+    clavicle: float
+    vessel: float
+    hilum: float
+    liver: float
+    gas: float  # gastric bubble under the left hemidiaphragm
+
+
+@dataclass(frozen=True, eq=False)
+class Anatomy:
+    midline: float
+    size: float  # overall thorax scale of this subject
+    lungs: dict[str, LungShape]
+    heart: tuple[float, float, float, float, float]  # centre x, centre y, rx, ry, tilt (deg)
+    mediastinum: tuple[float, float, float, float, float]  # top/bottom half-width, knob y, bulge, sigma
+    trachea: tuple[float, float, float]  # x, carina y, width
+    hila: dict[str, tuple[float, float]]
+    clavicles: dict[str, tuple[float, float, float, float]]  # head y, head off, rise, lateral off
+    ribs: tuple[float, float, float, float, float]  # top y, spacing, rise, drop, width
+    spine: tuple[float, float, float]  # width, vertebra spacing, phase
+    vessels: dict[str, np.ndarray]  # (M, 2, 2) segments in unit coordinates
+    densities: Densities
+    texture_seed: int  # parenchymal texture, fixed per subject
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    photons: float  # mean quanta per pixel behind air (sets the noise level)
+    mu: float  # attenuation per density unit
+    gamma: float  # display gamma
+    window: tuple[float, float]  # jitter of the low / high display window (density units)
+    blur: float  # detector blur sigma at 512 px
+    heel: float  # linear exposure gradient across the field (anode heel effect)
+
+
+@dataclass(frozen=True, eq=False)
+class Phantom:
+    image: np.ndarray  # (size, size) uint8 or uint16
+    landmarks: dict[str, tuple[float, float]]  # name -> (x, y) continuous image pixels
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (size, size) bool, on request
+
+
+def subject_rng(seed: int, subject: int, stream: int, view: int = 0) -> np.random.Generator:
+    """Independent stream per (seed, subject, view, part): 0 anatomy, 1 pose, 2 acquisition, 3 noise."""
+    return np.random.default_rng(np.random.SeedSequence([seed, subject, view, stream]))
+
+
+def generate_phantom(
+    subject: int, seed: int = 0, config: PhantomConfig | None = None, view: int = 0, with_masks: bool = False
+) -> Phantom:
+    """Subject `subject` of seed `seed`, seen in view `view` (same anatomy, own pose and exposure)."""
+    config = config or PhantomConfig()
+    anatomy = sample_anatomy(subject_rng(seed, subject, 0))
+    pose = sample_pose(subject_rng(seed, subject, 1, view), config)
+    acquisition = sample_acquisition(subject_rng(seed, subject, 2, view))
+    return render_phantom(anatomy, pose, acquisition, config, subject_rng(seed, subject, 3, view), with_masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_pose(rng: np.random.Generator, config: PhantomConfig) -> Pose:
+    shift = config.max_shift * config.size
+    return Pose(
+        rotation_deg=rng.uniform(-config.max_rotation_deg, config.max_rotation_deg),
+        scale=rng.uniform(*config.scale_range),
+        shift_x=rng.uniform(-shift, shift),
+        shift_y=rng.uniform(-shift, shift),
+    )
+
+
+def sample_acquisition(rng: np.random.Generator) -> Acquisition:
+    return Acquisition(
+        photons=float(np.exp(rng.uniform(np.log(300), np.log(5000)))),
+        mu=rng.uniform(1.4, 2.0),
+        gamma=rng.uniform(0.65, 1.5),
+        window=(rng.uniform(-0.08, 0.08), rng.uniform(-0.15, 0.1)),
+        blur=rng.uniform(0.4, 1.2),
+        heel=rng.uniform(-0.15, 0.15),
+    )
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    midline, scale = 0.5 + rng.uniform(-0.015, 0.015), rng.uniform(0.9, 1.08)
+    apex_y = 0.45 - scale * rng.uniform(0.29, 0.34)
+    dome_right = 0.45 + scale * rng.uniform(0.17, 0.25)
+    dome_left = dome_right + scale * rng.uniform(0.01, 0.045)
+    heart = _sample_heart(rng, midline, scale, dome_left)
+    heart_reach = float(heart_outline(heart)[:, 0].max()) - midline
+    lungs = {
+        "right": _sample_lung(rng, scale, apex_y, dome_right, min_dome_off=0.0),
+        "left": _sample_lung(rng, scale, apex_y, dome_left, min_dome_off=heart_reach + 0.03),
+    }
+    mediastinum = _sample_mediastinum(rng, scale, apex_y)
+    carina_y = mediastinum[2] + scale * rng.uniform(0.03, 0.06)
+    hila = _sample_hila(rng, midline, scale, carina_y)
+    ribs = _sample_ribs(rng, scale, lungs)
+    return Anatomy(
+        midline=midline, size=scale, lungs=lungs, heart=heart, mediastinum=mediastinum,
+        trachea=(midline + rng.uniform(-0.012, 0.004), carina_y, scale * rng.uniform(0.024, 0.032)),
+        hila=hila, clavicles=_sample_clavicles(rng, scale, apex_y), ribs=ribs,
+        spine=(scale * rng.uniform(0.065, 0.08), ribs[1] * rng.uniform(0.95, 1.05), rng.uniform(0, 1)),
+        vessels={side: _sample_vessels(rng, hila[side], lungs[side], midline, SIDES[side]) for side in SIDES},
+        densities=_sample_densities(rng),
+        texture_seed=int(rng.integers(2**31)),
+    )
+
+
+def _sample_lung(
+    rng: np.random.Generator, scale: float, apex_y: float, dome_y: float, min_dome_off: float
+) -> LungShape:
+    lateral_off = scale * rng.uniform(0.33, 0.39)
+    dome_off = max(scale * rng.uniform(0.16, 0.23), min_dome_off)
+    return LungShape(
+        apex_y=apex_y + scale * rng.uniform(-0.012, 0.012),
+        apex_off=scale * rng.uniform(0.13, 0.17),
+        lateral_off=lateral_off,
+        medial_off=scale * rng.uniform(0.025, 0.04),
+        dome_y=dome_y,
+        dome_off=min(dome_off, lateral_off - 0.025 - 0.06 * scale),
+        cp_depth=scale * rng.uniform(0.05, 0.09),
+        medial_drop=scale * rng.uniform(0.01, 0.04),
+    )
+
+
+def _sample_heart(
+    rng: np.random.Generator, midline: float, scale: float, left_dome_y: float
+) -> tuple[float, float, float, float, float]:
+    return (
+        midline + scale * rng.uniform(0.02, 0.06),
+        left_dome_y - scale * rng.uniform(0.08, 0.11),
+        scale * rng.uniform(0.12, 0.155),
+        scale * rng.uniform(0.095, 0.12),
+        rng.uniform(20.0, 40.0),
+    )
+
+
+def _sample_mediastinum(
+    rng: np.random.Generator, scale: float, apex_y: float
+) -> tuple[float, float, float, float, float]:
+    return (
+        scale * rng.uniform(0.045, 0.06),
+        scale * rng.uniform(0.055, 0.075),
+        apex_y + scale * rng.uniform(0.13, 0.18),
+        scale * rng.uniform(0.02, 0.04),
+        scale * rng.uniform(0.025, 0.035),
+    )
+
+
+def _sample_hila(
+    rng: np.random.Generator, midline: float, scale: float, carina_y: float
+) -> dict[str, tuple[float, float]]:
+    right_y = carina_y + scale * rng.uniform(0.06, 0.10)
+    return {
+        "right": (midline - scale * rng.uniform(0.09, 0.115), right_y),
+        "left": (midline + scale * rng.uniform(0.085, 0.11), right_y - scale * rng.uniform(0.0, 0.03)),
+    }
+
+
+def _sample_clavicles(
+    rng: np.random.Generator, scale: float, apex_y: float
+) -> dict[str, tuple[float, float, float, float]]:
+    head_y, head_off = apex_y + scale * rng.uniform(0.03, 0.07), scale * rng.uniform(0.045, 0.065)
+    rise, lateral = scale * rng.uniform(0.02, 0.07), scale * rng.uniform(0.3, 0.36)
+    return {
+        side: (head_y + scale * rng.uniform(-0.01, 0.01), head_off + scale * rng.uniform(-0.005, 0.005),
+               rise + scale * rng.uniform(-0.01, 0.01), lateral)
+        for side in SIDES
+    }
+
+
+def _sample_ribs(
+    rng: np.random.Generator, scale: float, lungs: dict[str, LungShape]
+) -> tuple[float, float, float, float, float]:
+    top = lungs["right"].apex_y + scale * rng.uniform(-0.01, 0.02)
+    bottom = 0.5 * (lungs["right"].cp_y + lungs["left"].cp_y)
+    return (top, (bottom - top) / rng.uniform(9.0, 10.0), scale * rng.uniform(0.015, 0.03),
+            scale * rng.uniform(0.04, 0.08), scale * rng.uniform(0.018, 0.024))
+
+
+def _sample_vessels(
+    rng: np.random.Generator, hilum: tuple[float, float], lung: LungShape, midline: float, sign: float
+) -> np.ndarray:
+    """A two-level vessel tree fanning out of the hilum: (M, 2, 2) segments (start, end)."""
+    targets = np.stack([
+        midline + sign * rng.uniform(lung.medial_off + 0.05, lung.lateral_off * 0.95, 16),
+        rng.uniform(lung.apex_y + 0.04, lung.dome_y, 16),
+    ], axis=1)
+    starts = np.asarray(hilum) + rng.normal(0, 0.015, (16, 2))
+    ends = starts + (targets - starts) * rng.uniform(0.45, 0.8, (16, 1))
+    segments = [np.stack([start, end]) for start, end in zip(starts, ends, strict=True)]
+    for start, end in zip(starts, ends, strict=True):
+        direction = (end - start) / max(np.linalg.norm(end - start), 1e-6)
+        for turn in rng.uniform(-0.5, 0.5, 2):
+            rot = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+            segments.append(np.stack([end, end + rot @ direction * rng.uniform(0.04, 0.12)]))
+    return np.asarray(segments)
+
+
+def _sample_densities(rng: np.random.Generator) -> Densities:
+    return Densities(
+        soft=rng.uniform(0.9, 1.1), lung_air=rng.uniform(0.62, 0.8), mediastinum=rng.uniform(0.12, 0.22),
+        heart=rng.uniform(0.02, 0.08), spine=rng.uniform(0.08, 0.16), rib=rng.uniform(0.1, 0.18),
+        clavicle=rng.uniform(0.15, 0.25), vessel=rng.uniform(0.12, 0.25), hilum=rng.uniform(0.15, 0.3),
+        liver=rng.uniform(0.05, 0.15), gas=rng.uniform(0.0, 0.35),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes in unit coordinates; landmarks are points of these outlines
+
+
+def _ease(t: np.ndarray, reach: float) -> np.ndarray:
+    """0 -> 1 over [0, reach], leaving t = 0 with a vertical tangent (a rounded apex)."""
+    return np.sin(0.5 * np.pi * np.clip(t / reach, 0.0, 1.0)) ** 0.5
+
+
+def lung_outline(lung: LungShape, midline: float, sign: float) -> np.ndarray:
+    """Closed outline (N, 2): apex -> lateral wall -> costophrenic angle -> dome -> medial wall."""
+    t = np.linspace(0.0, 1.0, 48)
+    taper = 0.025 * np.clip((t - 0.7) / 0.3, 0, 1) ** 2
+    lateral = np.stack([lung.apex_off + (lung.lateral_off - lung.apex_off) * _ease(t, 0.7) - taper,
+                        lung.apex_y + t * (lung.cp_y - lung.apex_y)], axis=1)
+    offsets = np.linspace(lung.medial_off, lung.cp_off, 48)
+    offsets = np.unique(np.concatenate([offsets, [lung.dome_off]]))[::-1]
+    dome = np.stack([offsets, _diaphragm_y(lung, offsets)], axis=1)[1:]
+    medial_end_y = lung.dome_y + lung.medial_drop
+    medial = np.stack([lung.apex_off - (lung.apex_off - lung.medial_off) * _ease(t, 0.2),
+                       lung.apex_y + t * (medial_end_y - lung.apex_y)], axis=1)[::-1][1:-1]
+    outline = np.concatenate([lateral, dome, medial])
+    return np.stack([midline + sign * outline[:, 0], outline[:, 1]], axis=1)
+
+
+def _diaphragm_y(lung: LungShape, off: np.ndarray) -> np.ndarray:
+    """Height of the hemidiaphragm at |x - midline| = off: a dome peaking at dome_off."""
+    lateral = (off - lung.dome_off) / (lung.cp_off - lung.dome_off)
+    medial = (lung.dome_off - off) / (lung.dome_off - lung.medial_off)
+    return np.where(off >= lung.dome_off,
+                    lung.dome_y + lung.cp_depth * np.clip(lateral, 0, None) ** 2.2,
+                    lung.dome_y + lung.medial_drop * np.clip(medial, 0, None) ** 2)
+
+
+def heart_outline(heart: tuple[float, float, float, float, float]) -> np.ndarray:
+    cx, cy, rx, ry, tilt = heart
+    phi = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+    theta = np.deg2rad(tilt)  # long axis tilted down towards the patient's left (image right)
+    x, y = rx * np.cos(phi), ry * np.sin(phi)
+    cos, sin = np.cos(theta), np.sin(theta)
+    return np.stack([cx + x * cos - y * sin, cy + x * sin + y * cos], 1)
+
+
+def mediastinum_outline(anatomy: Anatomy) -> np.ndarray:
+    top_half, bottom_half, knob_y, bulge, sigma = anatomy.mediastinum
+    y = np.linspace(-0.05, anatomy.heart[1], 64)
+    half = top_half + (bottom_half - top_half) * (y - y[0]) / (y[-1] - y[0])
+    knob = bulge * np.exp(-(((y - knob_y) / sigma) ** 2))
+    right_edge = np.stack([anatomy.midline - half, y], 1)
+    left_edge = np.stack([anatomy.midline + half + knob, y], 1)[::-1]
+    return np.concatenate([right_edge, left_edge])
+
+
+def aortic_knob_point(anatomy: Anatomy) -> tuple[float, float]:
+    top_half, bottom_half, knob_y, bulge, _ = anatomy.mediastinum
+    frac = (knob_y + 0.05) / (anatomy.heart[1] + 0.05)
+    return anatomy.midline + top_half + (bottom_half - top_half) * frac + bulge, knob_y
+
+
+def abdomen_outline(anatomy: Anatomy) -> np.ndarray:
+    """Everything below both hemidiaphragms (liver, stomach), closed across the midline."""
+    parts = []
+    for side, sign in (("right", -1.0), ("left", 1.0)):
+        lung = anatomy.lungs[side]
+        off = np.linspace(lung.medial_off, lung.cp_off, 40)
+        dome = np.stack([anatomy.midline + sign * off, _diaphragm_y(lung, off)], 1)
+        wall = [[anatomy.midline + sign * (lung.cp_off + 0.3), lung.cp_y + 0.25]]
+        parts.append(np.concatenate([dome, wall]) if sign > 0 else np.concatenate([wall, dome[::-1]]))
+    floor = [[1.5, 1.5], [-0.5, 1.5]]
+    return np.concatenate([parts[0], parts[1], floor])
+
+
+def body_outline(anatomy: Anatomy) -> np.ndarray:
+    """Neck, shoulders and chest wall; the arms leave the field at the top corners."""
+    lungs = anatomy.lungs
+    wall = 0.5 * (lungs["right"].lateral_off + lungs["left"].lateral_off) + 0.07 * anatomy.size
+    half = np.array([[0.1, -0.1], [0.1, 0.04], [0.3, 0.08], [0.6, 0.1], [0.6, 0.3], [wall, 0.36],
+                     [wall + 0.02, 0.7], [wall + 0.03, 1.2]])
+    right = np.stack([anatomy.midline - half[:, 0], half[:, 1]], 1)
+    left = np.stack([anatomy.midline + half[::-1, 0], half[::-1, 1]], 1)
+    return np.concatenate([right, left])
+
+
+def band_outline(centre: np.ndarray, width: np.ndarray | float) -> np.ndarray:
+    """Closed outline (2N, 2) of a band of `width` around the polyline `centre` (N, 2)."""
+    tangent = np.gradient(centre, axis=0)
+    normal = np.stack([-tangent[:, 1], tangent[:, 0]], 1) / np.linalg.norm(tangent, axis=1, keepdims=True)
+    offset = normal * (np.asarray(width).reshape(-1, 1) / 2)
+    return np.concatenate([centre + offset, (centre - offset)[::-1]])
+
+
+def rib_centrelines(anatomy: Anatomy, sign: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(posterior, anterior) centrelines per rib: posterior arcs from the spine, anterior ribs
+    sloping down towards the sternum."""
+    top, spacing, rise, drop, _ = anatomy.ribs
+    lung = anatomy.lungs["right" if sign < 0 else "left"]
+    t = np.linspace(0, 1, 32)[:, None]
+    ribs = []
+    for k in range(10):
+        y0 = top + k * spacing
+        reach = (lung.lateral_off + 0.02) * (0.5 + 0.5 * min(1.0, (k + 1) / 4))
+        posterior = np.concatenate([anatomy.midline + sign * (0.035 + t * reach),
+                                    y0 - rise * np.sin(np.pi * t * 0.85) + drop * t**2], 1)
+        end = posterior[-1]
+        anterior = np.concatenate([end[0] - sign * t * (reach - 0.1) * 1.0,
+                                   end[1] + 0.02 + 0.1 * np.sin(0.5 * np.pi * t) * (1 + 0.3 * k / 10)], 1)
+        ribs.append((posterior, anterior))
+    return ribs
+
+
+def clavicle_centreline(anatomy: Anatomy, side: str) -> np.ndarray:
+    head_y, head_off, rise, lateral = anatomy.clavicles[side]
+    t = np.linspace(0, 1, 32)[:, None]
+    x = anatomy.midline + SIDES[side] * (head_off + t * (lateral - head_off))
+    return np.concatenate([x, head_y - rise * t + 0.012 * anatomy.size * np.sin(2 * np.pi * t)], 1)
+
+
+def canonical_landmarks(anatomy: Anatomy) -> dict[str, tuple[float, float]]:
+    """Landmark points in unit coordinates, taken from the same shapes that are drawn."""
+    points: dict[str, tuple[float, float]] = {}
+    for side, sign in SIDES.items():
+        lung = anatomy.lungs[side]
+        points[f"clavicle_head_{side}"] = tuple(clavicle_centreline(anatomy, side)[0])
+        points[f"lung_apex_{side}"] = (anatomy.midline + sign * lung.apex_off, lung.apex_y)
+        points[f"hilum_{side}"] = anatomy.hila[side]
+        points[f"hemidiaphragm_dome_{side}"] = (anatomy.midline + sign * lung.dome_off, lung.dome_y)
+        points[f"costophrenic_angle_{side}"] = (anatomy.midline + sign * lung.cp_off, lung.cp_y)
+    heart = heart_outline(anatomy.heart)
+    points["heart_border_right"] = tuple(heart[heart[:, 0].argmin()])
+    points["heart_border_left"] = tuple(heart[heart[:, 0].argmax()])
+    points["aortic_knob"] = aortic_knob_point(anatomy)
+    points["carina"] = (anatomy.trachea[0], anatomy.trachea[1])
+    return {name: (float(points[name][0]), float(points[name][1])) for name in LANDMARK_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rasterising (canonical frame, pixels of the output size)
+
+
+def _fill(outline: np.ndarray, size: int) -> np.ndarray:
+    """Boolean mask of the pixels whose centres lie inside `outline` (unit coordinates)."""
+    canvas = Image.new("1", (size, size))
+    # PIL puts pixel centres at integer coordinates; ours sit at i + 0.5.
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in (outline * size - 0.5).tolist()], fill=1)
+    return np.asarray(canvas)
+
+
+def _add_fill(canvas: np.ndarray, outline: np.ndarray, value: float) -> None:
+    """canvas[inside outline] += value, rasterised only over the outline's bounding box."""
+    size = canvas.shape[0]
+    pixels = outline * size - 0.5
+    low = np.clip(np.floor(pixels.min(axis=0)).astype(int) - 1, 0, size)
+    high = np.clip(np.ceil(pixels.max(axis=0)).astype(int) + 2, 0, size)
+    if np.any(high <= low):
+        return
+    patch = Image.new("1", (int(high[0] - low[0]), int(high[1] - low[1])))
+    ImageDraw.Draw(patch).polygon([tuple(p) for p in (pixels - low).tolist()], fill=1)
+    canvas[low[1]:high[1], low[0]:high[0]] += value * np.asarray(patch)
+
+
+def _add_bone(canvas: np.ndarray, centre: np.ndarray, width: np.ndarray | float, value: float) -> None:
+    """A band that is denser at its edges (cortex) than in its middle (marrow)."""
+    _add_fill(canvas, band_outline(centre, width), value)
+    _add_fill(canvas, band_outline(centre, np.asarray(width) * 0.55), -0.45 * value)
+
+
+def anatomy_masks(anatomy: Anatomy, size: int) -> dict[str, np.ndarray]:
+    abdomen = _fill(abdomen_outline(anatomy), size)
+    mediastinum = _fill(mediastinum_outline(anatomy), size)
+    heart = _fill(heart_outline(anatomy.heart), size) & ~abdomen
+    masks = {"body": _fill(body_outline(anatomy), size), "abdomen": abdomen,
+             "mediastinum": mediastinum, "heart": heart}
+    for side, sign in SIDES.items():
+        lung = _fill(lung_outline(anatomy.lungs[side], anatomy.midline, sign), size)
+        masks[f"lung_{side}"] = lung & ~mediastinum & ~heart & ~abdomen
+        masks[f"clavicle_{side}"] = _fill(band_outline(clavicle_centreline(anatomy, side), 0.026), size)
+    return masks
+
+
+def canonical_density(anatomy: Anatomy, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Projected attenuation (size, size) float32 of the upright, centred subject, and its masks."""
+    masks = anatomy_masks(anatomy, size)
+    d = anatomy.densities
+    unit = (np.arange(size, dtype=np.float32) + 0.5) / size
+    # An elliptical cross-section: thick in the middle, thin at the chest wall.
+    across = np.clip(1 - ((unit[None, :] - anatomy.midline) / 0.56) ** 2, 0, 1)
+    thickness = d.soft * (0.45 + 0.65 * np.sqrt(across))
+    lungs = _lung_air(masks, size)
+    density = masks["body"] * thickness
+    density += d.mediastinum * (masks["mediastinum"] | masks["heart"]) + d.heart * masks["heart"]
+    density += (d.liver * masks["abdomen"] - _gas_bubble(anatomy, unit)) * masks["body"]
+    # Soft tissue in front of the lung bases (breasts, diaphragm slopes) lightens them.
+    base_fade = 1 - 0.3 * np.clip((unit[:, None] - anatomy.hila["right"][1]) / 0.3, 0, 1)
+    density -= thickness * d.lung_air * lungs * base_fade
+    density -= 0.22 * thickness * _airways(anatomy, size)
+    density += masks["body"] * _skeleton(anatomy, size)
+    # One blur for every sharp edge drawn so far (anti-aliasing, ~0.7 px at 512).
+    density = ndimage.gaussian_filter(density.astype(np.float32), 0.7 * size / 512)
+    density += _lung_markings(anatomy, lungs > 0.3, unit, size)
+    return density, masks
+
+
+def _lung_air(masks: dict[str, np.ndarray], size: int) -> np.ndarray:
+    """Air column of the lungs: full in the middle, thinner towards the pleura."""
+    lungs = masks["lung_right"] | masks["lung_left"]
+    depth = np.clip(ndimage.distance_transform_edt(lungs) / (0.05 * size), 0, 1)
+    return lungs * (0.6 + 0.4 * depth)
+
+
+def _gas_bubble(anatomy: Anatomy, unit: np.ndarray) -> np.ndarray:
+    lung = anatomy.lungs["left"]
+    cx, cy = anatomy.midline + 0.8 * lung.dome_off, lung.dome_y + 0.06 * anatomy.size
+    bubble = ((unit[None, :] - cx) / 0.05) ** 2 + ((unit[:, None] - cy) / 0.028) ** 2
+    return anatomy.densities.gas * np.clip(1 - bubble, 0, 1) ** 0.3
+
+
+def _lung_markings(anatomy: Anatomy, lungs: np.ndarray, unit: np.ndarray, size: int) -> np.ndarray:
+    """Vessels fanning from the hila, a faint parenchymal texture, and the hilar shadows."""
+    d = anatomy.densities
+    canvas = 0.08 * np.random.default_rng(anatomy.texture_seed).standard_normal((size, size), np.float32)
+    for segments in anatomy.vessels.values():
+        for start, end in segments[:16]:  # trunks: tapered bands
+            _add_fill(canvas, band_outline(np.linspace(start, end, 12), np.linspace(0.011, 0.003, 12)), 0.5)
+        for start, end in segments[16:] * size - 0.5:  # branches: thin lines
+            rows, cols, weight = draw.line_aa(*np.round([start[1], start[0], end[1], end[0]]).astype(int))
+            keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+            canvas[rows[keep], cols[keep]] += weight[keep] * 0.8
+    canvas = ndimage.gaussian_filter(canvas, size / 512)
+    hila = sum(np.exp(-(((unit[:, None] - hy) / 0.045) ** 2)) * np.exp(-(((unit[None, :] - hx) / 0.03) ** 2))
+               for hx, hy in anatomy.hila.values())
+    return d.vessel * lungs * canvas + d.hilum * hila
+
+
+def _airways(anatomy: Anatomy, size: int) -> np.ndarray:
+    x, carina_y, width = anatomy.trachea
+    air = np.zeros((size, size), dtype=np.float32)
+    _add_fill(air, band_outline(np.linspace([x, -0.05], [x, carina_y], 16), width), 1.0)
+    for hilum in anatomy.hila.values():
+        bronchus = np.linspace([x, carina_y], hilum, 16)
+        _add_fill(air, band_outline(bronchus, np.linspace(0.6, 0.4, 16) * width), 1.0)
+    return np.minimum(air, 1.0)
+
+
+def _skeleton(anatomy: Anatomy, size: int) -> np.ndarray:
+    d, width = anatomy.densities, anatomy.ribs[4]
+    bones = np.zeros((size, size), dtype=np.float32)
+    _add_spine(bones, anatomy)
+    for sign in SIDES.values():
+        for posterior, anterior in rib_centrelines(anatomy, sign):
+            _add_bone(bones, posterior, width, d.rib)
+            _add_bone(bones, anterior, 1.2 * width, 0.5 * d.rib)
+    for side in SIDES:
+        centre = clavicle_centreline(anatomy, side)
+        _add_bone(bones, centre, np.linspace(0.03, 0.022, len(centre)), d.clavicle)
+    return bones
+
+
+def _add_spine(canvas: np.ndarray, anatomy: Anatomy) -> None:
+    """Vertebral column: a faint band, vertebral bodies with disc spaces, paired pedicles."""
+    width, spacing, phase = anatomy.spine
+    value = anatomy.densities.spine
+    box = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    _add_fill(canvas, box * [width, 1.2] + [anatomy.midline, 0.5], 0.4 * value)
+    for level in np.arange(-1, int(1 / spacing) + 2):
+        centre_y = (level + phase) * spacing
+        _add_fill(canvas, box * [width, 0.78 * spacing] + [anatomy.midline, centre_y], 0.4 * value)
+        for sign in (-1, 1):
+            pedicle = [anatomy.midline + sign * 0.32 * width, centre_y - 0.15 * spacing]
+            _add_fill(canvas, box * [0.22 * width, 0.4 * spacing] + pedicle, 0.35 * value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pose and exposure
+
+
+def warp(canonical: np.ndarray, pose: Pose, order: int = 1) -> np.ndarray:
+    """Resample a canonical-frame array into the image through `pose` (same size)."""
+    size = canonical.shape[0]
+    inverse = np.linalg.inv(pose.matrix(size))
+    swap = np.array([[0, 1], [1, 0]])  # (x, y) <-> (row, col)
+    matrix, shift = swap @ inverse[:2, :2] @ swap, swap @ inverse[:2, 2]
+    # Pixel centres sit at index + 0.5 in continuous coordinates on both sides.
+    offset = matrix @ [0.5, 0.5] + shift - 0.5
+    return ndimage.affine_transform(canonical, matrix, offset=offset, order=order, mode="nearest")
+
+
+def expose(
+    density: np.ndarray, window: tuple[float, float], acquisition: Acquisition, config: PhantomConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Transmission with quantum noise -> log -> window and gamma -> detector blur -> integers."""
+    size = density.shape[0]
+    gain = 1 + acquisition.heel * ((np.arange(size) + 0.5) / size - 0.5)
+    transmission = gain[None, :] * np.exp(-acquisition.mu * density)
+    if config.noise:
+        quanta = rng.poisson(acquisition.photons * transmission).clip(0.5, None)
+        transmission = quanta / acquisition.photons
+    measured = -np.log(transmission) / acquisition.mu
+    low, high = window[0] + acquisition.window[0], window[1] + acquisition.window[1]
+    value = np.clip((measured - low) / (high - low), 0, 1) ** acquisition.gamma
+    value = ndimage.gaussian_filter(value, acquisition.blur * size / 512)
+    top = 2**config.bit_depth - 1
+    return np.round(value * top).astype(np.uint8 if config.bit_depth == 8 else np.uint16)
+
+
+def render_phantom(
+    anatomy: Anatomy, pose: Pose, acquisition: Acquisition, config: PhantomConfig,
+    rng: np.random.Generator, with_masks: bool = False,
+) -> Phantom:
+    size = config.size
+    density, masks = canonical_density(anatomy, size)
+    # The window comes from the canonical frame so that the pose never changes grey levels.
+    low, high = np.percentile(density[::2, ::2], [1.0, 99.5])
+    window = (low, high + 0.15 * (high - low))
+    image = expose(warp(density, pose), window, acquisition, config, rng)
+    canonical = canonical_landmarks(anatomy)
+    moved = pose.apply(np.array(list(canonical.values())) * size, size)
+    landmarks = {name: (float(x), float(y)) for name, (x, y) in zip(canonical, moved, strict=True)}
+    if not with_masks:
+        return Phantom(image=image, landmarks=landmarks)
+    image_masks = {name: warp(mask.astype(np.uint8), pose, order=0) > 0 for name, mask in masks.items()}
+    return Phantom(image=image, landmarks=landmarks, masks=image_masks)
+
+
+def shifted(pose: Pose, dx: float, dy: float) -> Pose:
+    return replace(pose, shift_x=pose.shift_x + dx, shift_y=pose.shift_y + dy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a landmark data set
+
+
+def phantom_image_id(subject: int, view: int, views: int) -> str:
+    return f"phantom_{subject:05d}" if views == 1 else f"phantom_{subject:05d}_v{view}"
+
+
+def _render_job(job: tuple[int, int, int, PhantomConfig]) -> Phantom:
+    subject, view, seed, config = job
+    return generate_phantom(subject, seed, config, view)
+
+
+def write_phantom_set(
+    out_dir: str | Path, n: int, seed: int = 0, config: PhantomConfig | None = None, start_id: int = 0,
+    views: int = 1, force: bool = False, workers: int = 1,
+) -> Path:
+    """Write subjects start_id .. start_id + n - 1 (`views` images each) as a landmark data set."""
+    config = config or PhantomConfig()
+    if n < 1 or views < 1 or start_id < 0:
+        raise ValueError(f"need n >= 1, views >= 1 and start_id >= 0 (got n={n}, views={views}, "
+                         f"start_id={start_id})")
+    out = _prepare_out_dir(Path(out_dir), force)
+    jobs = [(s, v, seed, config) for s in range(start_id, start_id + n) for v in range(views)]
+    landmarks, metadata = [], []
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        rendered = pool.map(_render_job, jobs, chunksize=4) if pool else map(_render_job, jobs)
+        for (subject, view, _, _), phantom in tqdm(zip(jobs, rendered, strict=True), total=len(jobs),
+                                                    desc="phantoms", unit="img"):
+            image_id = phantom_image_id(subject, view, views)
+            Image.fromarray(phantom.image).save(out / "images" / f"{image_id}.png")
+            landmarks.append((f"images/{image_id}.png", phantom.landmarks))
+            metadata.append((f"images/{image_id}.png", image_id, f"phantom_subject_{subject:05d}"))
+    write_landmarks_csv(out / "landmarks.csv", landmarks)
+    write_metadata_csv(out / "metadata.csv", metadata)
+    return out
+
+
+def _prepare_out_dir(out: Path, force: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace "
+                                  "the phantoms in it")
+        for stale in [*out.glob("images/phantom_*.png"), out / "landmarks.csv", out / "metadata.csv"]:
+            stale.unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    return out
