@@ -24,6 +24,7 @@ from service.batcher import Batcher, BatcherConfig, resolve_device
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.index_holder import IndexHolder
+from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.routes import admin, health, match, metrics
 from service.state import AppState
@@ -52,7 +53,6 @@ def create_app(settings: Settings) -> FastAPI:
             state.index.close()
 
     app = FastAPI(title="ACE correspondence service", version="0.1.0", lifespan=lifespan,
-                  max_body_size=settings.max_upload_bytes,
                   description="Patch retrieval and cross-patient anatomical correspondence for chest X-rays.")
     _add_middleware(app, settings, app_metrics)
     install_error_handlers(app)
@@ -82,6 +82,7 @@ def _add_middleware(app: FastAPI, settings: Settings, app_metrics: Metrics) -> N
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=app_metrics)
 
 
