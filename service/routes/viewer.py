@@ -1,0 +1,283 @@
+"""The web viewer: the page at `/`, its static files, and the small routes only a browser needs.
+
+- `GET /images`, `GET /images/{id}`, `GET /images/{id}/thumbnail`: the indexed images, viewable.
+- `POST /preview`: any supported upload (DICOM included) as a PNG the browser can show, decoded
+  exactly as `/match` decodes it; its original size comes in `X-Image-Width` / `X-Image-Height`.
+- `POST /heatmap`: cosine similarity of one query point with every patch of uploaded targets or
+  indexed images, with the original-pixel rectangle the patch grid covers, for an overlay.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from ace_model.index import PatchIndex
+from ace_model.match import similarity_maps
+from ace_model.preprocess import (
+    CoordinateMap,
+    DecodedImage,
+    ImageDecodeError,
+    decode_image,
+    load_image,
+    prepare,
+)
+from service.batcher import QueueFullError
+from service.errors import ApiError, from_decode_error, invalid
+from service.queries import QueryShapes, check_inside, embed_queries
+from service.schemas import ErrorResponse
+from service.state import AppState, app_state
+
+router = APIRouter(tags=["viewer"])
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+THUMBNAIL_SIDE = 512  # longest side of a generated thumbnail, as the index builder writes them
+PREVIEW_SIDE = 1024  # longest side of a /preview PNG
+PNG_OK: dict[int | str, dict[str, object]] = {200: {"content": {"image/png": {}}}}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+class ImageInfo(BaseModel):
+    image_id: str
+    patient_id: str | None
+    width: int = Field(description="original width in pixels (the coordinate system of matches)")
+    height: int = Field(description="original height in pixels")
+    thumbnail: str = Field(description="URL of a downscaled PNG")
+
+
+class ImageList(BaseModel):
+    index_version: str | None
+    total: int = Field(description="indexed images in this version")
+    images: list[ImageInfo] = Field(description="the requested page, in index order")
+
+
+class Heatmap(BaseModel):
+    target: int | str = Field(description="upload position of the target, or the indexed image id")
+    width: int = Field(description="the target's original width in pixels")
+    height: int = Field(description="the target's original height in pixels")
+    extent: tuple[float, float, float, float] = Field(
+        description="x0, y0, x1, y1: the original-pixel rectangle the whole patch grid covers")
+    values: list[list[float | None]] = Field(
+        description="rows x cols cosine similarity per patch; null on letterbox padding")
+
+
+class HeatmapResponse(BaseModel):
+    point: tuple[float, float]
+    maps: list[Heatmap]
+
+
+@dataclass(frozen=True)
+class _Target:
+    key: int | str  # upload position or indexed image id
+    grid: torch.Tensor  # (h, w, D)
+    valid: np.ndarray  # (h, w) bool
+    coords: CoordinateMap
+
+
+# ----------------------------------------------------------------------------- page and assets
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return _static_file("index.html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static(name: str) -> FileResponse:
+    return _static_file(name)
+
+
+def _static_file(name: str) -> FileResponse:
+    allowed = {p.name for p in STATIC_DIR.iterdir() if p.suffix in MEDIA_TYPES}
+    if name not in allowed:  # a fixed set of names: no path ever leaves the folder
+        raise ApiError(404, f"no static file {name!r}")
+    path = STATIC_DIR / name
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
+
+
+# ----------------------------------------------------------------------------- indexed images
+
+
+@router.get("/images", response_model=ImageList)
+async def list_images(
+    request: Request,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> ImageList:
+    with app_state(request).index.lease() as index:
+        if index is None:
+            return ImageList(index_version=None, total=0, images=[])
+        ids = index.image_ids()
+        page = [_image_info(index, image_id) for image_id in ids[offset : offset + limit]]
+        return ImageList(index_version=index.version, total=len(ids), images=page)
+
+
+@router.get("/images/{image_id}", response_model=ImageInfo, responses=_errors(404))
+async def image_info(request: Request, image_id: str) -> ImageInfo:
+    with app_state(request).index.lease() as index:
+        return _image_info(_indexed(index, image_id), image_id)
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=Response, responses={**PNG_OK, **_errors(404)})
+async def thumbnail(request: Request, image_id: str) -> Response:
+    with app_state(request).index.lease() as index:
+        indexed = _indexed(index, image_id)
+        stored = indexed.thumbnail_path(image_id)
+        if stored is not None:
+            data = await run_in_threadpool(stored.read_bytes)
+        else:
+            data = await run_in_threadpool(_thumbnail_from_source, indexed, image_id)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
+
+def _indexed(index: PatchIndex | None, image_id: str) -> PatchIndex:
+    if index is None:
+        raise ApiError(404, "no index is loaded, so there are no indexed images to show")
+    if not index.has_image(image_id):
+        raise ApiError(404, f"image id {image_id!r} is not in index version {index.version}; "
+                            "GET /images lists the indexed images")
+    return index
+
+
+def _image_info(index: PatchIndex, image_id: str) -> ImageInfo:
+    record = index.record(image_id)
+    return ImageInfo(image_id=image_id, patient_id=record.patient_id, width=record.width,
+                     height=record.height, thumbnail=f"/images/{image_id}/thumbnail")
+
+
+def _thumbnail_from_source(index: PatchIndex, image_id: str) -> bytes:
+    source = index.record(image_id).source
+    try:
+        return _png(load_image(source), THUMBNAIL_SIDE)
+    except (OSError, ImageDecodeError) as err:
+        raise ApiError(404, f"image {image_id!r} has no stored thumbnail and its source {source} "
+                            f"cannot be read ({err}); rebuild the index to store thumbnails") from err
+
+
+def _png(image: DecodedImage, max_side: int) -> bytes:
+    pixels = np.clip(image.pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    picture = Image.fromarray(pixels, "RGB")
+    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+@router.post("/preview", response_class=Response, responses={**PNG_OK, **_errors(413, 415, 422)})
+async def preview(
+    request: Request, image: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM")]
+) -> Response:
+    decoded = await _decode(image, "image", app_state(request))
+    data = await run_in_threadpool(_png, decoded, PREVIEW_SIDE)
+    size = {"X-Image-Width": str(decoded.width), "X-Image-Height": str(decoded.height)}
+    return Response(data, media_type="image/png", headers=size)
+
+
+@router.post("/heatmap", response_model=HeatmapResponse, responses=_errors(413, 415, 422, 429))
+async def heatmap(
+    request: Request,
+    image: Annotated[UploadFile, File(description="query image: PNG, JPEG, TIFF or DICOM")],
+    point: Annotated[str, Form(description="JSON [x, y] in query pixels")],
+    targets: Annotated[list[UploadFile] | None, File(description="images to map the point in")] = None,
+    image_ids: Annotated[str | None, Form(description="JSON array of indexed image ids")] = None,
+) -> HeatmapResponse:
+    state = app_state(request)
+    shapes = QueryShapes(np.array([_parse_point(point)], dtype=np.float64), None)
+    ids = _parse_ids(image_ids, state.settings.max_image_ids)
+    if len(targets or []) > state.settings.max_targets:
+        raise invalid(f"{len(targets or [])} targets uploaded; at most {state.settings.max_targets}")
+    query = await _decode(image, "image", state)
+    uploads = [await _decode(f, f"targets[{i}]", state) for i, f in enumerate(targets or [])]
+    size, grid = state.encoder.spec.img_size, state.encoder.grid
+    prepared = [await run_in_threadpool(prepare, d, size, grid) for d in [query, *uploads]]
+    check_inside(shapes, prepared[0][1])
+    with state.index.lease() as index:
+        indexed = [_indexed_target(index, image_id) for image_id in ids]
+        grids = await _embed(state, [tensor for tensor, _ in prepared])
+        vector = embed_queries(shapes, grids[0], prepared[0][1]).vectors
+        found = [_Target(i, g, c.valid_patches().reshape(g.shape[:2]), c)
+                 for i, (g, (_, c)) in enumerate(zip(grids[1:], prepared[1:], strict=True))]
+        maps = [_heatmap(vector, target) for target in [*found, *indexed]]
+    x, y = shapes.points[0]
+    return HeatmapResponse(point=(float(x), float(y)), maps=maps)
+
+
+async def _decode(upload: UploadFile, what: str, state: AppState) -> DecodedImage:
+    data = await upload.read()
+    try:
+        return await run_in_threadpool(decode_image, data, state.settings.max_pixels)
+    except ImageDecodeError as err:
+        raise from_decode_error(err, what) from err
+
+
+async def _embed(state: AppState, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    try:
+        embedded = await state.batcher.embed(tensors)
+    except QueueFullError as err:
+        raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
+    return [e.patches for e in embedded]
+
+
+def _parse_point(text: str) -> tuple[float, float]:
+    message = "`point` must be a JSON array [x, y] of two finite numbers, e.g. [120.5, 80]"
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise invalid(f"{message} ({err})") from err
+    if not isinstance(value, list) or len(value) != 2:
+        raise invalid(message)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise invalid(message)
+    return float(value[0]), float(value[1])
+
+
+def _parse_ids(text: str | None, max_ids: int) -> list[str]:
+    if text is None:
+        return []
+    try:
+        ids = json.loads(text)
+    except ValueError as err:
+        raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')
+    if len(ids) > max_ids:
+        raise invalid(f"{len(ids)} image_ids given; at most {max_ids} per request")
+    return list(dict.fromkeys(ids))
+
+
+def _indexed_target(index: PatchIndex | None, image_id: str) -> _Target:
+    if index is None:
+        raise invalid("`image_ids` needs an index, and this service has none loaded")
+    if not index.has_image(image_id):
+        raise invalid(f"unknown image id {image_id!r} (index version {index.version})")
+    grid = torch.from_numpy(np.ascontiguousarray(index.grid(image_id), dtype=np.float32))
+    return _Target(image_id, grid, index.valid_mask(image_id), index.record(image_id).coords)
+
+
+def _heatmap(vector: torch.Tensor, target: _Target) -> Heatmap:
+    sim = similarity_maps(vector, target.grid)[0].numpy()  # (h, w)
+    h, w = sim.shape
+    (x0, y0), (x1, y1) = target.coords.from_grid(np.array([[-0.5, -0.5], [w - 0.5, h - 0.5]]))
+    values = [[round(float(v), 4) if ok else None for v, ok in zip(row, keep, strict=True)]
+              for row, keep in zip(sim, target.valid, strict=True)]
+    return Heatmap(target=target.key, width=target.coords.orig_w, height=target.coords.orig_h,
+                   extent=(float(x0), float(y0), float(x1), float(y1)), values=values)

@@ -1,0 +1,1 @@
+"""Viewer tests: routes over HTTP and the page in headless Chromium."""
