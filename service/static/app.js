@@ -5,6 +5,7 @@ import { getJson, postForm, preview, request } from "./api.js";
 import { clamp, drawHeatmap, drawMarkers, pointerToImage, renderFigure } from "./figure.js";
 
 const COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#00a3a3", "#d6399c", "#808000"];
+const CARD_MARKER_SIZE = 0.04; // thumbnails are small: bigger markers
 const colour = (i) => COLOURS[i % COLOURS.length];
 const $ = (id) => document.getElementById(id);
 
@@ -311,9 +312,10 @@ function matchCard(match, rank, pointIndex, info) {
   renderFigure(figure, {
     src: info.thumbnail, width: info.width, height: info.height, alt: `Indexed image ${match.image_id}`,
   });
-  drawMarkers(figure, [{
+  const marker = {
     x: match.x, y: match.y, color: colour(pointIndex), kind: "match", data: { score: match.score },
-  }]);
+  };
+  drawMarkers(figure, [marker], CARD_MARKER_SIZE);
   const caption = document.createElement("p");
   caption.className = "caption";
   caption.innerHTML = `<span class="rank"></span> score <span class="score"></span>`;
@@ -387,6 +389,9 @@ function wire() {
   });
   $("match-btn").addEventListener("click", () => guarded(runMatch));
   $("clear-btn").addEventListener("click", clearPoints);
+  $("k").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !$("match-btn").disabled) guarded(runMatch);
+  });
   $("heatmap-toggle").addEventListener("change", () => guarded(loadHeatmaps));
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && event.target.tagName !== "SELECT") clearPoints();

@@ -34,10 +34,11 @@ export function renderFigure(figure, { src, width, height, alt }) {
 }
 
 // markers: [{x, y, color, label, kind, data: {name: value}}]; data becomes data-* attributes.
-export function drawMarkers(figure, markers) {
+// size: marker radius as a fraction of the image's longer side (small figures want larger).
+export function drawMarkers(figure, markers, size = 0.02) {
   const layer = figure.querySelector("g.marks");
   if (!layer) return;
-  const radius = Math.max(Number(figure.dataset.width), Number(figure.dataset.height)) * 0.02;
+  const radius = Math.max(Number(figure.dataset.width), Number(figure.dataset.height)) * size;
   layer.replaceChildren(...markers.map((marker) => markerElement(marker, radius)));
 }
 

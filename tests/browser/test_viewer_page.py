@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.data import get_testdata_file
 
 from .conftest import PHANTOM_SIZE, Corpus
 
@@ -129,3 +130,21 @@ def test_an_indexed_image_can_be_the_query(page: Any, corpus: Corpus) -> None:
     expect(page.locator(".card.match")).to_have_count(5)
     ids = page.locator(".card.match").evaluate_all("cards => cards.map(c => c.dataset.imageId)")
     assert corpus.indexed[0] not in ids  # itself is left out
+
+
+def test_dicom_query_in_a_narrow_window(page: Any) -> None:
+    page.set_viewport_size({"width": 760, "height": 900})
+    dicom = get_testdata_file("CT_small.dcm")
+    assert dicom is not None
+    image = load_query(page, Path(dicom))  # shown through /preview: the browser cannot decode DICOM
+    expect(page.locator("#query-figure")).to_have_attribute("data-width", "128")
+    click_at(page, image, (64, 64))
+    page.fill("#k", "2")
+    with page.expect_response(lambda r: r.url.endswith("/match")) as answer:
+        page.press("#k", "Enter")
+    assert answer.value.status == 200
+    expect(page.locator(".card.match")).to_have_count(2)
+    query_panel = page.locator(".panel").nth(0).bounding_box()
+    results_panel = page.locator(".panel.results").bounding_box()
+    assert results_panel["y"] >= query_panel["y"] + query_panel["height"]  # one column
+    assert results_panel["x"] + results_panel["width"] <= 760  # no sideways scrolling
