@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -37,3 +37,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _queue_fits_a_request(self) -> Settings:
+        if self.queue_size < 1 + self.max_targets:
+            raise ValueError(f"ACE_QUEUE_SIZE ({self.queue_size}) must hold one request's images: "
+                             f"at least 1 + ACE_MAX_TARGETS = {1 + self.max_targets}")
+        return self
