@@ -228,6 +228,7 @@ def _sample_lung(
 ) -> LungShape:
     lateral_off = scale * rng.uniform(0.33, 0.39)
     dome_off = max(scale * rng.uniform(0.16, 0.23), min_dome_off)
+    cp_depth = scale * rng.uniform(0.05, 0.09)
     return LungShape(
         apex_y=apex_y + scale * rng.uniform(-0.012, 0.012),
         apex_off=scale * rng.uniform(0.13, 0.17),
@@ -235,8 +236,8 @@ def _sample_lung(
         medial_off=scale * rng.uniform(0.025, 0.04),
         dome_y=dome_y,
         dome_off=min(dome_off, lateral_off - 0.025 - 0.06 * scale),
-        cp_depth=scale * rng.uniform(0.05, 0.09),
-        medial_drop=scale * rng.uniform(0.01, 0.04),
+        cp_depth=cp_depth,
+        medial_drop=cp_depth * rng.uniform(0.3, 0.8),
     )
 
 
@@ -434,8 +435,9 @@ def rib_centrelines(anatomy: Anatomy, sign: float) -> list[tuple[np.ndarray, np.
 
 
 def clavicle_centreline(anatomy: Anatomy, side: str) -> np.ndarray:
+    """From just medial of the head (t < 0, so the head landmark is inside the bone) to the shoulder."""
     head_y, head_off, rise, lateral = anatomy.clavicles[side]
-    t = np.linspace(0, 1, 32)[:, None]
+    t = np.linspace(-0.04, 1, 34)[:, None]
     x = anatomy.midline + SIDES[side] * (head_off + t * (lateral - head_off))
     return np.concatenate([x, head_y - rise * t + 0.012 * anatomy.size * np.sin(2 * np.pi * t)], 1)
 
@@ -445,7 +447,8 @@ def canonical_landmarks(anatomy: Anatomy) -> dict[str, tuple[float, float]]:
     points: dict[str, tuple[float, float]] = {}
     for side, sign in SIDES.items():
         lung = anatomy.lungs[side]
-        points[f"clavicle_head_{side}"] = tuple(clavicle_centreline(anatomy, side)[0])
+        head_y, head_off, _, _ = anatomy.clavicles[side]
+        points[f"clavicle_head_{side}"] = (anatomy.midline + sign * head_off, head_y)
         points[f"lung_apex_{side}"] = (anatomy.midline + sign * lung.apex_off, lung.apex_y)
         points[f"hilum_{side}"] = anatomy.hila[side]
         points[f"hemidiaphragm_dome_{side}"] = (anatomy.midline + sign * lung.dome_off, lung.dome_y)
