@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -128,13 +129,10 @@ async def list_images(
         return ImageList(index_version=index.version, total=len(ids), images=page)
 
 
-@router.get("/images/{image_id}", response_model=ImageInfo, responses=_errors(404))
-async def image_info(request: Request, image_id: str) -> ImageInfo:
-    with app_state(request).index.lease() as index:
-        return _image_info(_indexed(index, image_id), image_id)
-
-
-@router.get("/images/{image_id}/thumbnail", response_class=Response, responses={**PNG_OK, **_errors(404)})
+# Image ids may contain "/" (sent as %2F): the thumbnail route is declared first so that
+# ".../thumbnail" is never read as part of an id.
+@router.get("/images/{image_id:path}/thumbnail", response_class=Response,
+            responses={**PNG_OK, **_errors(404)})
 async def thumbnail(request: Request, image_id: str) -> Response:
     with app_state(request).index.lease() as index:
         indexed = _indexed(index, image_id)
@@ -144,6 +142,12 @@ async def thumbnail(request: Request, image_id: str) -> Response:
         else:
             data = await run_in_threadpool(_thumbnail_from_source, indexed, image_id)
     return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
+
+@router.get("/images/{image_id:path}", response_model=ImageInfo, responses=_errors(404))
+async def image_info(request: Request, image_id: str) -> ImageInfo:
+    with app_state(request).index.lease() as index:
+        return _image_info(_indexed(index, image_id), image_id)
 
 
 def _indexed(index: PatchIndex | None, image_id: str) -> PatchIndex:
@@ -158,7 +162,7 @@ def _indexed(index: PatchIndex | None, image_id: str) -> PatchIndex:
 def _image_info(index: PatchIndex, image_id: str) -> ImageInfo:
     record = index.record(image_id)
     return ImageInfo(image_id=image_id, patient_id=record.patient_id, width=record.width,
-                     height=record.height, thumbnail=f"/images/{image_id}/thumbnail")
+                     height=record.height, thumbnail=f"/images/{quote(image_id, safe='')}/thumbnail")
 
 
 def _thumbnail_from_source(index: PatchIndex, image_id: str) -> bytes:

@@ -16,6 +16,7 @@ const state = {
   cursor: null, // keyboard cursor [x, y] while the query figure has focus
   target: null, // {blob, name, src, width, height}
   response: null, // the last /match answer, as received
+  generation: 0, // bumped whenever results go stale, so a late answer is not drawn
   imageInfo: new Map(), // image_id -> Promise<{width, height, patient_id, thumbnail}>
   maxK: 100,
 };
@@ -221,11 +222,13 @@ function matchForm() {
 
 async function runMatch() {
   const form = matchForm();
+  const generation = state.generation;
   $("match-btn").disabled = true;
   $("results").setAttribute("aria-busy", "true");
   setStatus("Matching…");
   try {
     const response = await postForm("/match", form);
+    if (generation !== state.generation) return; // the query or the points changed meanwhile
     state.response = response;
     await renderResults(response);
     const ms = response.timing_ms?.total;
@@ -244,6 +247,7 @@ function shownMatches(result) {
 }
 
 function clearResults() {
+  state.generation += 1;
   state.response = null;
   $("results").replaceChildren();
   $("target-block").replaceChildren();
@@ -352,7 +356,9 @@ async function loadHeatmaps() {
   form.append("image_ids", JSON.stringify(ids));
   if (state.target) form.append("targets", state.target.blob, state.target.name);
   setStatus("Computing similarity heatmaps…");
+  const [generation, selected] = [state.generation, state.selected];
   const { maps } = await postForm("/heatmap", form);
+  if (generation !== state.generation || selected !== state.selected) return; // stale answer
   const block = document.querySelector(`.point-result[data-point="${state.selected}"]`);
   for (const map of maps) {
     const figures = typeof map.target === "number"
@@ -367,17 +373,31 @@ async function loadHeatmaps() {
 
 function fileHandler(action) {
   return (event) => {
-    const [file] = event.target.files;
-    if (file) guarded(() => action(file, file.name));
+    const input = event.target;
+    const [file] = input.files;
+    if (!file) return;
+    guarded(async () => {
+      try {
+        await action(file, file.name);
+      } catch (err) {
+        input.value = ""; // so that choosing the same file again is a change
+        throw err;
+      }
+    });
   };
 }
 
 function wire() {
   const figure = $("query-figure");
-  $("query-file").addEventListener("change", fileHandler(setQuery));
+  $("query-file").addEventListener("change", (event) => {
+    $("query-pick").value = "";
+    fileHandler(setQuery)(event);
+  });
   $("target-file").addEventListener("change", fileHandler(setTarget));
   $("query-pick").addEventListener("change", (event) => {
-    if (event.target.value) guarded(() => pickIndexed(event.target.value));
+    if (!event.target.value) return;
+    $("query-file").value = "";
+    guarded(() => pickIndexed(event.target.value));
   });
   figure.addEventListener("click", (event) => {
     if (state.query) addPoint(pointerToImage(figure, event));

@@ -40,6 +40,7 @@ PHANTOM_SIZE = 256
 INDEXED_SUBJECTS = 4  # subjects 0..3, two views each, make the index
 QUERY_SUBJECT = 5  # not indexed
 TARGET_SUBJECT = 4  # not indexed
+UNSTORED_ID = "more/subject 3 #view1"  # the last indexed image: no stored thumbnail
 ARTIFACTS = Path(os.environ.get("ACE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 
 
@@ -64,22 +65,22 @@ def _phantom_png(path: Path, subject: int, view: int) -> dict[str, tuple[float, 
     return phantom.landmarks
 
 
-def _build_index(root: Path, work: Path, encoder: Encoder, images: list[Path]) -> None:
-    """Embed `images`, store thumbnails for all but the last, write and publish a version."""
+def _build_index(root: Path, work: Path, encoder: Encoder, images: dict[str, Path]) -> None:
+    """Embed `images` (id -> file), store thumbnails for all but the last, write and publish."""
     tensors, records = [], []
-    for position, path in enumerate(images):
+    for position, (image_id, path) in enumerate(images.items()):
         decoded = load_image(path)
         tensor, coords = prepare(decoded, encoder.spec.img_size, encoder.grid)
         tensors.append(tensor)
         patient = path.stem.split("-view")[0]
-        records.append(ImageRecord(path.stem, patient, str(path), decoded.width, decoded.height, coords,
+        records.append(ImageRecord(image_id, patient, str(path), decoded.width, decoded.height, coords,
                                    position))
     with torch.no_grad():
         grids = encoder(torch.stack(tensors)).patches.numpy().astype(np.float16)
     np.save(work / "grid.npy", grids)
     thumbnails = work / "thumbnails"
     thumbnails.mkdir()
-    for position, path in enumerate(images[:-1]):
+    for position, path in enumerate(list(images.values())[:-1]):
         with Image.open(path) as image:
             image.thumbnail((128, 128))
             image.save(thumbnails / f"{position}.png")
@@ -92,12 +93,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     base = tmp_path_factory.mktemp("viewer")
     images = base / "images"
     images.mkdir()
-    indexed = []
+    indexed = {}
     for subject in range(INDEXED_SUBJECTS):
         for view in range(2):
             path = images / f"subject{subject}-view{view}.png"
             _phantom_png(path, subject, view)
-            indexed.append(path)
+            indexed[path.stem] = path
+    indexed[UNSTORED_ID] = indexed.pop(path.stem)  # an id that needs URL encoding
     landmarks = _phantom_png(base / "query.png", QUERY_SUBJECT, 0)
     _phantom_png(base / "target.png", TARGET_SUBJECT, 0)
     torch.manual_seed(0)
@@ -105,7 +107,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     encoder.save(base / "encoder")
     _build_index(base / "index", base, encoder, indexed)
     return Corpus(base / "encoder", base / "index", base / "query.png", landmarks, base / "target.png",
-                  [p.stem for p in indexed], indexed[-1].stem)
+                  list(indexed), UNSTORED_ID)
 
 
 def _free_socket() -> socket.socket:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -34,7 +35,7 @@ def test_indexed_images_are_listed_and_viewable(client: httpx.Client, corpus: Co
     assert listing["total"] == len(corpus.indexed)
     assert [i["image_id"] for i in listing["images"]] == corpus.indexed[:3]
     for image_id in (corpus.indexed[0], corpus.unstored_thumbnail):  # stored, made from the source
-        info = client.get(f"/images/{image_id}").json()
+        info = client.get(f"/images/{quote(image_id, safe='')}").json()
         assert (info["width"], info["height"]) == (256, 256)
         thumb = client.get(info["thumbnail"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"

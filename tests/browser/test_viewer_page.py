@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from pydicom.data import get_testdata_file
@@ -92,7 +93,7 @@ def check_matches_drawn(page: Any, i: int, result: dict[str, Any]) -> None:
         assert marker_xy(card.locator("g.marker")) == (match["x"], match["y"])
         assert card.locator(".score").inner_text() == f"{match['score']:.3f}"
         thumbnail = card.locator("img")
-        assert thumbnail.get_attribute("src") == f"/images/{match['image_id']}/thumbnail"
+        assert thumbnail.get_attribute("src") == f"/images/{quote(match['image_id'], safe='')}/thumbnail"
         thumbnail.evaluate("img => img.decode()")  # rejects when the thumbnail does not load
 
 
