@@ -40,6 +40,18 @@ class Backbone(nn.Module):
             probe = self.forward(torch.zeros(1, 3, img_size, img_size))
             self.model.train(was_training)
         self.grid_size: tuple[int, int] = (int(probe.shape[1]), int(probe.shape[2]))
+        self._check_stride()
+
+    def _check_stride(self) -> None:
+        """The coordinate maps assume img_size = grid * stride: no input pixels silently dropped."""
+        info = getattr(self.model, "feature_info", None) or [{}]
+        reduction = int(info[-1].get("reduction", 0))
+        if reduction and reduction * self.grid_size[0] != self.img_size:
+            raise ValueError(
+                f"{self.name}: img_size {self.img_size} px is not a multiple of the backbone stride "
+                f"{reduction} px (the last {self.img_size - reduction * self.grid_size[0]} px would be "
+                f"ignored); use {reduction * self.grid_size[0]} or {reduction * (self.grid_size[0] + 1)}"
+            )
 
     @property
     def stride(self) -> float:
