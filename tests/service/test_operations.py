@@ -109,7 +109,8 @@ def test_hot_swap_under_load_loses_no_request(settings_for: Callable[..., Settin
             swapped.set()
             responses = [r for future in running for r in future.result()]
         assert reload.json() == {"status": "swapped", "version": second, "detail": f"now serving {second}"}
-        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        failed = [r.text for r in responses if r.status_code != 200]
+        assert not failed, failed
         assert {r.json()["index_version"] for r in responses} <= {first, second}
         assert responses[-1].json()["index_version"] == second
         assert client.get("/info").json()["index"]["num_images"] == 2
@@ -120,7 +121,8 @@ def test_index_from_another_encoder_is_refused(settings_for: Callable[..., Setti
                                                caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "index"
     first = build_index(root, encoder_dir, {"a": IMAGE}, tmp_path / "work")
-    with running_server(settings_for(index_root=root)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running_server(settings_for(index_root=root)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
         build_index(root, other_encoder_dir, {"a": IMAGE}, tmp_path / "work")
         response = client.post("/admin/reload")
         assert response.status_code == 409 and response.json()["status"] == "refused"

@@ -1,0 +1,128 @@
+"""`ace serve` and `ace demo`: run the correspondence service with uvicorn.
+
+The options become ACE_ environment variables and uvicorn imports the app factory by name
+("service.main:create_app_from_env"), so this package never imports `service`.
+`--demo` (and `ace demo`) first fills $ACE_HOME (default ./var/ace) with whatever is missing:
+the bundled demo data, a short demo training run exported as an encoder, and a published index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+APP = "service.main:create_app_from_env"
+DEFAULT_HOME = "var/ace"
+PRETRAINED = Path("artifacts/ace-cpu-phantoms")  # used instead of demo training when present
+DEMO_STEPS = 60  # a few minutes of CPU training: enough for a visibly better-than-random encoder
+
+ENV_OPTIONS = {  # argparse dest -> environment variable read by service.config.Settings
+    "encoder": "ACE_ENCODER", "index": "ACE_INDEX_ROOT", "device": "ACE_DEVICE",
+    "max_batch_size": "ACE_MAX_BATCH_SIZE", "max_wait_ms": "ACE_MAX_WAIT_MS",
+    "queue_size": "ACE_QUEUE_SIZE", "threads": "ACE_THREADS", "api_key": "ACE_API_KEY",
+    "cors_origins": "ACE_CORS_ORIGINS", "poll_interval": "ACE_POLL_INTERVAL_S",
+    "log_level": "ACE_LOG_LEVEL",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the correspondence service (docs/service.md)",
+                                  description="Serve POST /match and friends over HTTP with uvicorn.")
+    _add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
+    demo = subparsers.add_parser("demo", help="= ace serve --demo: build the demo home, then serve")
+    _add_serve_arguments(demo)
+    demo.set_defaults(func=run_serve, demo=True)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", type=Path, help="encoder artifact directory (ACE_ENCODER)")
+    parser.add_argument("--index", type=Path, help="index root with a CURRENT pointer (ACE_INDEX_ROOT)")
+    parser.add_argument("--demo", action="store_true",
+                        help="build what is missing in $ACE_HOME (data, encoder, index), then serve it")
+    parser.add_argument("--home", type=Path, default=None,
+                        help=f"demo home (default $ACE_HOME or {DEFAULT_HOME})")
+    parser.add_argument("--demo-steps", type=int, default=DEMO_STEPS, help="demo training steps")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--max-wait-ms", type=float, default=None)
+    parser.add_argument("--queue-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the worker")
+    parser.add_argument("--api-key", default=None, help="required on /admin routes (prefer ACE_API_KEY)")
+    parser.add_argument("--cors-origins", default=None, help="comma-separated allowed origins")
+    parser.add_argument("--poll-interval", type=float, default=None, help="index pointer poll, seconds")
+    parser.add_argument("--log-level", default=None, help="debug | info | warning | error")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.demo:
+        home = Path(args.home or os.environ.get("ACE_HOME", DEFAULT_HOME))
+        args.encoder, args.index = prepare_demo_home(home, args.demo_steps)
+    if args.encoder is None and "ACE_ENCODER" not in os.environ:
+        print("ace serve: give --encoder DIR (or ACE_ENCODER), or use --demo", file=sys.stderr)
+        return 2
+    export_environment(args)
+    import uvicorn  # only the serving path needs it
+
+    print(f"serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
+    uvicorn.run(APP, factory=True, host=args.host, port=args.port,
+                log_level=os.environ.get("ACE_LOG_LEVEL", "info").lower())
+    return 0
+
+
+def export_environment(args: argparse.Namespace) -> None:
+    for dest, variable in ENV_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            os.environ[variable] = str(value)
+
+
+def prepare_demo_home(home: Path, steps: int) -> tuple[Path, Path]:
+    """Fill home/{data,encoder,index} with whatever is missing; returns (encoder dir, index root)."""
+    from training.cmd_data import build_demo_data
+
+    encoder_dir, index_root = home / "encoder", home / "index"
+    _step(f"demo data in {home / 'data'}")
+    data = build_demo_data(home / "data")
+    if not (encoder_dir / "encoder.json").is_file():
+        _demo_encoder(data["phantoms"], home, encoder_dir, steps)
+    if not (index_root / "CURRENT").is_file():
+        _demo_index(encoder_dir, index_root, [data["phantoms"], data["samples"]])
+    _step(f"ready: encoder {encoder_dir}, index {index_root}")
+    return encoder_dir, index_root
+
+
+def _demo_encoder(phantoms: Path, home: Path, encoder_dir: Path, steps: int) -> None:
+    if (PRETRAINED / "encoder.json").is_file():
+        _step(f"using the pretrained encoder {PRETRAINED}")
+        shutil.copytree(PRETRAINED, encoder_dir, dirs_exist_ok=True)
+        return
+    from ace_model.config import preset
+    from training import engine
+
+    _step(f"demo training: {steps} steps of the cpu preset on {phantoms} (a few minutes on a CPU)")
+    checkpoint = engine.train(preset("cpu"), phantoms, home / "runs" / "demo", steps, resume=_has_run(home),
+                              show_progress=True)
+    engine.export_encoder(checkpoint, encoder_dir)
+
+
+def _has_run(home: Path) -> bool:
+    from training import engine
+
+    return engine.latest_checkpoint(home / "runs" / "demo") is not None
+
+
+def _demo_index(encoder_dir: Path, index_root: Path, sources: list[Path]) -> None:
+    from training.build_index import build_index
+
+    _step(f"indexing {', '.join(map(str, sources))} into {index_root}")
+    build_index(encoder_dir, sources, index_root)
+
+
+def _step(message: str) -> None:
+    print(f"[ace demo] {message}", flush=True)
