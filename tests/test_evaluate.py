@@ -22,7 +22,6 @@ from training.evaluate import (
     random_affine,
     random_crop,
     random_encoder,
-    read_landmark_set,
     retrieval_top1,
     summarize,
     summarize_by_landmark,
@@ -80,10 +79,14 @@ def test_summarize_rejects_no_errors() -> None:
 
 
 def test_choose_pairs_all_or_seeded_subset() -> None:
-    assert choose_pairs(3, None, 0) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
-    subset = choose_pairs(10, 7, seed=1)
+    assert choose_pairs([None] * 3, None, 0) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+    subset = choose_pairs([None] * 10, 7, seed=1)
     assert len(subset) == 7 and all(q != t for q, t in subset)
-    assert subset == choose_pairs(10, 7, seed=1)
+    assert subset == choose_pairs([None] * 10, 7, seed=1)
+
+
+def test_choose_pairs_never_pairs_one_patients_images() -> None:
+    assert choose_pairs(["a", "a", "b"], None, 0) == [(0, 2), (1, 2), (2, 0), (2, 1)]
 
 
 def test_retrieval_top1_known_answers() -> None:
@@ -151,19 +154,6 @@ def write_landmark_set(root: Path, n: int = 4) -> None:
     (root / "metadata.csv").write_text("\n".join(meta) + "\n")
 
 
-def test_read_landmark_set(tmp_path: Path) -> None:
-    write_landmark_set(tmp_path, n=2)
-    items = read_landmark_set(tmp_path)
-    assert [item.image_id for item in items] == ["subject0", "subject1"]
-    assert items[1].points["knob"] == (38.5, 29.5)
-    assert items[0].path == tmp_path / "images" / "s0.png"
-
-
-def test_read_landmark_set_explains_a_missing_csv(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"landmarks\.csv"):
-        read_landmark_set(tmp_path)
-
-
 @pytest.fixture
 def tiny_artifact(tmp_path: Path) -> Path:
     torch.manual_seed(0)
@@ -196,7 +186,7 @@ def test_ace_eval_end_to_end_writes_the_report(tmp_path: Path, tiny_artifact: Pa
         assert (out / plot).stat().st_size > 1000
 
 
-def test_ace_eval_reports_a_bad_data_dir(tmp_path: Path, tiny_artifact: Path,
+def test_ace_eval_explains_a_missing_landmark_csv(tmp_path: Path, tiny_artifact: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["eval", "--encoder", str(tiny_artifact), "--data", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "out")])

@@ -12,7 +12,6 @@ Errors are radial distances in the target's original pixels, also as % of its di
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from ace_model.encoder import Embeddings, Encoder, EncoderSpec
 from ace_model.match import Refinement, argmax_2d, locate, refine_peak
 from ace_model.preprocess import CoordinateMap, DecodedImage, letterbox_tensor, load_image, prepare
+from training.landmarks import LandmarkImage, read_landmark_set
 
 SUCCESS_THRESHOLDS_PCT = (2.0, 5.0)  # success = radial error within this % of the diagonal
 
@@ -67,42 +67,6 @@ def summarize_by_landmark(
     errors, diags = np.asarray(errors_px, float), np.asarray(diagonals, float)
     return {name: summarize(errors[labels == name], diags[labels == name])
             for name in dict.fromkeys(names)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Landmark data sets (format: docs/internals.md "Landmark data sets")
-
-
-@dataclass(frozen=True)
-class LandmarkImage:
-    image_id: str
-    path: Path
-    points: dict[str, tuple[float, float]]  # landmark name -> original-pixel (x, y)
-
-
-def read_landmark_set(root: str | Path) -> list[LandmarkImage]:
-    """Read DIR/landmarks.csv (image,landmark,x,y) and optional DIR/metadata.csv (image,image_id)."""
-    root = Path(root)
-    table = root / "landmarks.csv"
-    if not table.is_file():
-        raise FileNotFoundError(
-            f"{table} not found: a landmark data set needs images/ and landmarks.csv with columns "
-            "image,landmark,x,y (create one with `ace data phantoms`)"
-        )
-    points: dict[str, dict[str, tuple[float, float]]] = {}
-    with table.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            points.setdefault(row["image"], {})[row["landmark"]] = (float(row["x"]), float(row["y"]))
-    ids = _image_ids(root / "metadata.csv")
-    return [LandmarkImage(ids.get(image, Path(image).stem), root / image, pts)
-            for image, pts in sorted(points.items())]
-
-
-def _image_ids(metadata: Path) -> dict[str, str]:
-    if not metadata.is_file():
-        return {}
-    with metadata.open(newline="") as fh:
-        return {row["image"]: row.get("image_id") or Path(row["image"]).stem for row in csv.DictReader(fh)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +184,12 @@ class PairPrediction:
     predicted: dict[str, np.ndarray]  # method name -> (N, 2) original px in the target
 
 
-def choose_pairs(n_images: int, max_pairs: int | None, seed: int) -> list[tuple[int, int]]:
-    """All ordered (query, target) pairs of distinct images, or a seeded random subset."""
-    pairs = [(q, t) for q in range(n_images) for t in range(n_images) if q != t]
+def choose_pairs(patients: Sequence[str | None], max_pairs: int | None, seed: int) -> list[tuple[int, int]]:
+    """Ordered (query, target) pairs of distinct subjects (images of one patient are never paired;
+    None = unknown patient, a subject of its own), all or a seeded random subset."""
+    n = len(patients)
+    pairs = [(q, t) for q in range(n) for t in range(n)
+             if q != t and (patients[q] is None or patients[q] != patients[t])]
     if max_pairs is not None and max_pairs < len(pairs):
         keep = np.random.default_rng(seed).choice(len(pairs), size=max_pairs, replace=False)
         pairs = [pairs[i] for i in sorted(keep)]
@@ -464,9 +431,11 @@ def run_evaluation(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
     methods, encoder_methods = build_methods(options, encoders)
     for method in methods:
         method.fit(images)
-    pairs = choose_pairs(len(items), options.max_pairs, options.seed)
+    pairs = choose_pairs([item.patient_id for item in items], options.max_pairs, options.seed)
     predictions = predict_pairs(methods, items, pairs)
     diagonals = [image_diagonal(image.width, image.height) for image in images]
+    if not predictions:
+        raise ValueError(f"{options.data}: no two images of different patients share a landmark name")
     report: dict[str, Any] = {
         "data": str(options.data), "n_images": len(items), "n_pairs": len(predictions),
         "methods": [describe(m) for m in methods],
