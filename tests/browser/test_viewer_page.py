@@ -133,7 +133,7 @@ def test_an_indexed_image_can_be_the_query(page: Any, corpus: Corpus) -> None:
     assert corpus.indexed[0] not in ids  # itself is left out
 
 
-def test_dicom_query_in_a_narrow_window(page: Any) -> None:
+def test_dicom_query_in_a_narrow_window(page: Any, artifacts: Path) -> None:
     page.set_viewport_size({"width": 760, "height": 900})
     dicom = get_testdata_file("CT_small.dcm")
     assert dicom is not None
@@ -149,3 +149,5 @@ def test_dicom_query_in_a_narrow_window(page: Any) -> None:
     results_panel = page.locator(".panel.results").bounding_box()
     assert results_panel["y"] >= query_panel["y"] + query_panel["height"]  # one column
     assert results_panel["x"] + results_panel["width"] <= 760  # no sideways scrolling
+    page.focus("#match-btn")  # the focus ring shows in the screenshot
+    page.screenshot(path=str(artifacts / "viewer-narrow.png"), full_page=True)
