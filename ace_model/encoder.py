@@ -27,6 +27,7 @@ from ace_model.config import PIXEL_MEAN, PIXEL_STD
 ARTIFACT_FORMAT = 1
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "weights.safetensors"
+REQUIRED_KEYS = ("backbone", "img_size", "pixel_mean", "pixel_std", "fingerprint")
 
 
 class ArtifactError(RuntimeError):
@@ -112,31 +113,61 @@ def read_artifact_meta(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, found {type(meta).__name__}")
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path}: artifact format {meta.get('format')!r}, expected {ARTIFACT_FORMAT}")
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path} lacks the fields {missing}; re-export the encoder")
     return dict(meta)
+
+
+def _spec_from_meta(meta: dict[str, Any], directory: str | Path) -> EncoderSpec:
+    try:
+        return EncoderSpec(str(meta["backbone"]), int(meta["img_size"]), float(meta["pixel_mean"]),
+                           float(meta["pixel_std"]), dict(meta.get("provenance") or {}))
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"encoder artifact {directory} has an invalid field: {err}") from err
 
 
 def load_encoder(directory: str | Path, expected_fingerprint: str | None = None) -> Encoder:
     """Load and verify an artifact. Raises ArtifactError with the reason on any problem."""
     meta = read_artifact_meta(directory)
-    spec = EncoderSpec(meta["backbone"], int(meta["img_size"]), float(meta["pixel_mean"]),
-                       float(meta["pixel_std"]), dict(meta.get("provenance", {})))
+    spec = _spec_from_meta(meta, directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"encoder artifact {directory} has no {WEIGHTS_FILE}")
     actual = _fingerprint(weights, spec)
-    if actual != meta.get("fingerprint"):
+    if actual != meta["fingerprint"]:
         raise ArtifactError(
             f"encoder artifact {directory} is corrupt: weights fingerprint {actual} does not match "
-            f"the recorded {meta.get('fingerprint')}"
+            f"the recorded {meta['fingerprint']}"
         )
     if expected_fingerprint is not None and actual != expected_fingerprint:
         raise ArtifactError(f"encoder {actual} is not the expected encoder {expected_fingerprint}")
-    encoder = Encoder(spec)
+    encoder = _build_encoder(spec, directory)
     _load_state(encoder, weights)
+    _check_shape(encoder, meta, directory)
     encoder.fingerprint = actual
     return encoder
+
+
+def _build_encoder(spec: EncoderSpec, directory: str | Path) -> Encoder:
+    try:
+        return Encoder(spec)
+    except ValueError as err:
+        raise ArtifactError(f"encoder artifact {directory} cannot be built here: {err}") from err
+
+
+def _check_shape(encoder: Encoder, meta: dict[str, Any], directory: str | Path) -> None:
+    """The grid and width recorded at export must be what this installation's timm builds."""
+    recorded = (meta.get("grid", encoder.grid), meta.get("dim", encoder.dim))
+    if recorded != (encoder.grid, encoder.dim):
+        raise ArtifactError(
+            f"encoder artifact {directory} was exported with a {recorded[0]}x{recorded[0]}x{recorded[1]} "
+            f"patch grid, but {encoder.spec.backbone} builds {encoder.grid}x{encoder.grid}x{encoder.dim} here"
+        )
 
 
 def _load_state(encoder: Encoder, weights: Path) -> None:
