@@ -122,6 +122,9 @@ class Densities:
     gas: float  # gastric bubble under the left hemidiaphragm
 
 
+Vessel = tuple[np.ndarray, float, float]  # centreline (K, 2) in unit coordinates, start / end width
+
+
 @dataclass(frozen=True, eq=False)
 class Anatomy:
     midline: float
@@ -134,7 +137,7 @@ class Anatomy:
     clavicles: dict[str, tuple[float, float, float, float]]  # head y, head off, rise, lateral off
     ribs: tuple[float, float, float, float, float]  # top y, spacing, rise, drop, width
     spine: tuple[float, float, float]  # width, vertebra spacing, phase
-    vessels: dict[str, np.ndarray]  # (M, 2, 2) segments in unit coordinates
+    vessels: dict[str, list[Vessel]]
     densities: Densities
     texture_seed: int  # parenchymal texture, fixed per subject
 
@@ -147,6 +150,7 @@ class Acquisition:
     window: tuple[float, float]  # jitter of the low / high display window (density units)
     blur: float  # detector blur sigma at 512 px
     heel: float  # linear exposure gradient across the field (anode heel effect)
+    scatter: float  # scattered radiation, as a fraction of the mean primary transmission
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,10 +194,11 @@ def sample_acquisition(rng: np.random.Generator) -> Acquisition:
     return Acquisition(
         photons=float(np.exp(rng.uniform(np.log(300), np.log(5000)))),
         mu=rng.uniform(1.4, 2.0),
-        gamma=rng.uniform(0.65, 1.5),
+        gamma=rng.uniform(0.6, 1.3),
         window=(rng.uniform(-0.08, 0.08), rng.uniform(-0.15, 0.1)),
         blur=rng.uniform(0.4, 1.2),
         heel=rng.uniform(-0.15, 0.15),
+        scatter=rng.uniform(0.05, 0.25),
     )
 
 
@@ -257,8 +262,8 @@ def _sample_mediastinum(
     rng: np.random.Generator, scale: float, apex_y: float
 ) -> tuple[float, float, float, float, float]:
     return (
-        scale * rng.uniform(0.045, 0.06),
         scale * rng.uniform(0.055, 0.075),
+        scale * rng.uniform(0.065, 0.085),
         apex_y + scale * rng.uniform(0.13, 0.18),
         scale * rng.uniform(0.02, 0.04),
         scale * rng.uniform(0.025, 0.035),
@@ -298,26 +303,36 @@ def _sample_ribs(
 
 def _sample_vessels(
     rng: np.random.Generator, hilum: tuple[float, float], lung: LungShape, midline: float, sign: float
-) -> np.ndarray:
-    """A two-level vessel tree fanning out of the hilum: (M, 2, 2) segments (start, end)."""
-    targets = np.stack([
-        midline + sign * rng.uniform(lung.medial_off + 0.05, lung.lateral_off * 0.95, 16),
-        rng.uniform(lung.apex_y + 0.04, lung.dome_y, 16),
-    ], axis=1)
-    starts = np.asarray(hilum) + rng.normal(0, 0.015, (16, 2))
-    ends = starts + (targets - starts) * rng.uniform(0.45, 0.8, (16, 1))
-    segments = [np.stack([start, end]) for start, end in zip(starts, ends, strict=True)]
-    for start, end in zip(starts, ends, strict=True):
-        direction = (end - start) / max(np.linalg.norm(end - start), 1e-6)
-        for turn in rng.uniform(-0.5, 0.5, 2):
-            rot = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
-            segments.append(np.stack([end, end + rot @ direction * rng.uniform(0.04, 0.12)]))
-    return np.asarray(segments)
+) -> list[Vessel]:
+    """Vessel trees growing out of the hilum towards random points of the lung."""
+    vessels: list[Vessel] = []
+    for _ in range(9):
+        start = np.asarray(hilum) + rng.normal(0, 0.012, 2)
+        target = np.array([midline + sign * rng.uniform(lung.medial_off + 0.06, lung.lateral_off * 0.9),
+                           rng.uniform(lung.apex_y + 0.05, lung.dome_y - 0.01)])
+        reach = float(np.linalg.norm(target - start))
+        heading = float(np.arctan2(*(target - start)[::-1]))
+        length, width = reach * rng.uniform(0.35, 0.5), rng.uniform(0.008, 0.012)
+        _grow_vessel(rng, vessels, start, heading, length, width, 0)
+    return vessels
+
+
+def _grow_vessel(rng: np.random.Generator, out: list[Vessel], start: np.ndarray, heading: float,
+                 length: float, width: float, depth: int) -> None:
+    """A gently curving, tapering segment, then two thinner branches (three generations)."""
+    angles = heading + rng.normal(0, 0.25) * np.linspace(0, 1, 8)
+    steps = np.stack([np.cos(angles), np.sin(angles)], 1) * length / 7
+    points = start + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], axis=0)])
+    out.append((points, width, 0.65 * width))
+    if depth < 2:
+        for turn in (rng.uniform(0.2, 0.6), -rng.uniform(0.2, 0.6)):
+            _grow_vessel(rng, out, points[-1], angles[-1] + turn, length * rng.uniform(0.55, 0.8),
+                         0.55 * width, depth + 1)
 
 
 def _sample_densities(rng: np.random.Generator) -> Densities:
     return Densities(
-        soft=rng.uniform(0.9, 1.1), lung_air=rng.uniform(0.62, 0.8), mediastinum=rng.uniform(0.12, 0.22),
+        soft=rng.uniform(0.9, 1.1), lung_air=rng.uniform(0.52, 0.72), mediastinum=rng.uniform(0.12, 0.22),
         heart=rng.uniform(0.02, 0.08), spine=rng.uniform(0.08, 0.16), rib=rng.uniform(0.1, 0.18),
         clavicle=rng.uniform(0.15, 0.25), vessel=rng.uniform(0.12, 0.25), hilum=rng.uniform(0.15, 0.3),
         liver=rng.uniform(0.05, 0.15), gas=rng.uniform(0.0, 0.35),
@@ -400,8 +415,9 @@ def body_outline(anatomy: Anatomy) -> np.ndarray:
     """Neck, shoulders and chest wall; the arms leave the field at the top corners."""
     lungs = anatomy.lungs
     wall = 0.5 * (lungs["right"].lateral_off + lungs["left"].lateral_off) + 0.07 * anatomy.size
-    half = np.array([[0.1, -0.1], [0.1, 0.04], [0.3, 0.08], [0.6, 0.1], [0.6, 0.3], [wall, 0.36],
-                     [wall + 0.02, 0.7], [wall + 0.03, 1.2]])
+    half = np.array([[0.085, -0.1], [0.085, 0.02], [0.13, 0.05], [0.25, 0.075], [0.38, 0.095],
+                     [0.46, 0.12], [0.52, 0.17], [0.56, 0.25], [0.62, 0.33], [wall + 0.03, 0.40],
+                     [wall, 0.48], [wall + 0.01, 0.7], [wall + 0.03, 1.2]])
     right = np.stack([anatomy.midline - half[:, 0], half[:, 1]], 1)
     left = np.stack([anatomy.midline + half[::-1, 0], half[::-1, 1]], 1)
     return np.concatenate([right, left])
@@ -415,22 +431,23 @@ def band_outline(centre: np.ndarray, width: np.ndarray | float) -> np.ndarray:
     return np.concatenate([centre + offset, (centre - offset)[::-1]])
 
 
-def rib_centrelines(anatomy: Anatomy, sign: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def rib_centrelines(anatomy: Anatomy, sign: float) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(posterior, anterior) centrelines per rib: posterior arcs from the spine, anterior ribs
     sloping down towards the sternum."""
     top, spacing, rise, drop, _ = anatomy.ribs
     lung = anatomy.lungs["right" if sign < 0 else "left"]
     t = np.linspace(0, 1, 32)[:, None]
     ribs = []
-    for k in range(10):
+    for k in range(11):
         y0 = top + k * spacing
-        reach = (lung.lateral_off + 0.02) * (0.5 + 0.5 * min(1.0, (k + 1) / 4))
+        reach = (lung.lateral_off + 0.02) * (0.5 + 0.5 * min(1.0, (k + 1) / 4)) * (0.8 if k > 8 else 1.0)
         posterior = np.concatenate([anatomy.midline + sign * (0.035 + t * reach),
                                     y0 - rise * np.sin(np.pi * t * 0.85) + drop * t**2], 1)
         end = posterior[-1]
-        anterior = np.concatenate([end[0] - sign * t * (reach - 0.1) * 1.0,
-                                   end[1] + 0.02 + 0.1 * np.sin(0.5 * np.pi * t) * (1 + 0.3 * k / 10)], 1)
-        ribs.append((posterior, anterior))
+        # Anterior ends fade into costal cartilage (invisible) well before the sternum.
+        anterior = np.concatenate([end[0] - sign * t * (reach - 0.13),
+                                   end[1] + 0.015 + 0.13 * np.sin(0.5 * np.pi * t)], 1)
+        ribs.append((posterior, anterior if k < 7 else None))
     return ribs
 
 
@@ -546,17 +563,27 @@ def _lung_markings(anatomy: Anatomy, lungs: np.ndarray, unit: np.ndarray, size: 
     """Vessels fanning from the hila, a faint parenchymal texture, and the hilar shadows."""
     d = anatomy.densities
     canvas = 0.08 * np.random.default_rng(anatomy.texture_seed).standard_normal((size, size), np.float32)
-    for segments in anatomy.vessels.values():
-        for start, end in segments[:16]:  # trunks: tapered bands
-            _add_fill(canvas, band_outline(np.linspace(start, end, 12), np.linspace(0.011, 0.003, 12)), 0.5)
-        for start, end in segments[16:] * size - 0.5:  # branches: thin lines
-            rows, cols, weight = draw.line_aa(*np.round([start[1], start[0], end[1], end[0]]).astype(int))
-            keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
-            canvas[rows[keep], cols[keep]] += weight[keep] * 0.8
-    canvas = ndimage.gaussian_filter(canvas, size / 512)
+    for vessels in anatomy.vessels.values():
+        for centre, start_width, end_width in vessels:
+            _add_vessel(canvas, centre, start_width, end_width)
+    # Clipped so that the trunks crowding into the hilum do not add up to a bright star.
+    canvas = ndimage.gaussian_filter(np.minimum(canvas, 1.3), size / 512)
     hila = sum(np.exp(-(((unit[:, None] - hy) / 0.045) ** 2)) * np.exp(-(((unit[None, :] - hx) / 0.03) ** 2))
                for hx, hy in anatomy.hila.values())
     return d.vessel * lungs * canvas + d.hilum * hila
+
+
+def _add_vessel(canvas: np.ndarray, centre: np.ndarray, start_width: float, end_width: float) -> None:
+    """Attenuation grows with the vessel's diameter; below ~2 px it is drawn as a line."""
+    size = canvas.shape[0]
+    value = 1.2 * start_width / 0.01
+    if end_width * size >= 2:
+        _add_fill(canvas, band_outline(centre, np.linspace(start_width, end_width, len(centre))), value)
+        return
+    for start, end in zip(centre[:-1] * size - 0.5, centre[1:] * size - 0.5, strict=True):
+        rows, cols, weight = draw.line_aa(*np.round([start[1], start[0], end[1], end[0]]).astype(int))
+        keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+        canvas[rows[keep], cols[keep]] += weight[keep] * value
 
 
 def _airways(anatomy: Anatomy, size: int) -> np.ndarray:
@@ -576,7 +603,8 @@ def _skeleton(anatomy: Anatomy, size: int) -> np.ndarray:
     for sign in SIDES.values():
         for posterior, anterior in rib_centrelines(anatomy, sign):
             _add_bone(bones, posterior, width, d.rib)
-            _add_bone(bones, anterior, 1.2 * width, 0.5 * d.rib)
+            if anterior is not None:
+                _add_bone(bones, anterior, 1.3 * width, 0.6 * d.rib)
     for side in SIDES:
         centre = clavicle_centreline(anatomy, side)
         _add_bone(bones, centre, np.linspace(0.03, 0.022, len(centre)), d.clavicle)
@@ -588,13 +616,14 @@ def _add_spine(canvas: np.ndarray, anatomy: Anatomy) -> None:
     width, spacing, phase = anatomy.spine
     value = anatomy.densities.spine
     box = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    oval = np.stack([np.cos(np.linspace(0, 2 * np.pi, 12)), np.sin(np.linspace(0, 2 * np.pi, 12))], 1)
     _add_fill(canvas, box * [width, 1.2] + [anatomy.midline, 0.5], 0.4 * value)
     for level in np.arange(-1, int(1 / spacing) + 2):
         centre_y = (level + phase) * spacing
-        _add_fill(canvas, box * [width, 0.78 * spacing] + [anatomy.midline, centre_y], 0.4 * value)
+        _add_fill(canvas, box * [width, 0.78 * spacing] + [anatomy.midline, centre_y], 0.25 * value)
         for sign in (-1, 1):
-            pedicle = [anatomy.midline + sign * 0.32 * width, centre_y - 0.15 * spacing]
-            _add_fill(canvas, box * [0.22 * width, 0.4 * spacing] + pedicle, 0.35 * value)
+            pedicle = [anatomy.midline + sign * 0.3 * width, centre_y - 0.15 * spacing]
+            _add_fill(canvas, oval * [0.11 * width, 0.2 * spacing] + pedicle, 0.4 * value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,12 +643,18 @@ def warp(canonical: np.ndarray, pose: Pose, order: int = 1) -> np.ndarray:
 
 def expose(
     density: np.ndarray, window: tuple[float, float], acquisition: Acquisition, config: PhantomConfig,
-    rng: np.random.Generator,
+    rng: np.random.Generator, scatter_base: float = 0.0,
 ) -> np.ndarray:
-    """Transmission with quantum noise -> log -> window and gamma -> detector blur -> integers."""
+    """Transmission plus scatter, with quantum noise -> log -> window and gamma -> detector blur -> integers.
+
+    scatter_base: mean primary transmission of the field (taken from the canonical frame, so that
+    the pose never changes grey levels).
+    """
     size = density.shape[0]
     gain = 1 + acquisition.heel * ((np.arange(size) + 0.5) / size - 0.5)
     transmission = gain[None, :] * np.exp(-acquisition.mu * density)
+    # Scatter is nearly uniform: it lowers the contrast of dense regions (mediastinum, abdomen).
+    transmission += acquisition.scatter * scatter_base
     if config.noise:
         quanta = rng.poisson(acquisition.photons * transmission).clip(0.5, None)
         transmission = quanta / acquisition.photons
@@ -640,7 +675,8 @@ def render_phantom(
     # The window comes from the canonical frame so that the pose never changes grey levels.
     low, high = np.percentile(density[::2, ::2], [1.0, 99.5])
     window = (low, high + 0.15 * (high - low))
-    image = expose(warp(density, pose), window, acquisition, config, rng)
+    scatter_base = float(np.exp(-acquisition.mu * density[::4, ::4]).mean())
+    image = expose(warp(density, pose), window, acquisition, config, rng, scatter_base)
     canonical = canonical_landmarks(anatomy)
     moved = pose.apply(np.array(list(canonical.values())) * size, size)
     landmarks = {name: (float(x), float(y)) for name, (x, y) in zip(canonical, moved, strict=True)}
