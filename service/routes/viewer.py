@@ -245,13 +245,20 @@ def _parse_point(text: str) -> tuple[float, float]:
     message = "`point` must be a JSON array [x, y] of two finite numbers, e.g. [120.5, 80]"
     try:
         value = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise invalid(f"{message} ({err})") from err
-    if not isinstance(value, list) or len(value) != 2:
-        raise invalid(message)
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_coordinate(v) for v in value):
         raise invalid(message)
     return float(value[0]), float(value[1])
+
+
+def _is_coordinate(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _parse_ids(text: str | None, max_ids: int) -> list[str]:
@@ -259,7 +266,7 @@ def _parse_ids(text: str | None, max_ids: int) -> list[str]:
         return []
     try:
         ids = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')

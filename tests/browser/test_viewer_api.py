@@ -83,6 +83,7 @@ def test_heatmap_covers_targets_and_indexed_images(client: httpx.Client, corpus:
 
 def test_heatmap_rejects_bad_points(client: httpx.Client, corpus: Corpus) -> None:
     for point, message in [("[1]", "`point` must be"), ("[1, NaN]", "`point` must be"),
+                           (f"[1{'0' * 400}, 5]", "`point` must be"), ("[" * 100_000, "`point` must be"),
                            ("[9999, 5]", "outside the query image")]:
         with open(corpus.query, "rb") as query:
             answer = client.post("/heatmap", files={"image": query}, data={"point": point})
