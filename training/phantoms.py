@@ -170,10 +170,22 @@ def generate_phantom(
 ) -> Phantom:
     """Subject `subject` of seed `seed`, seen in view `view` (same anatomy, own pose and exposure)."""
     config = config or PhantomConfig()
-    anatomy = sample_anatomy(subject_rng(seed, subject, 0))
-    pose = sample_pose(subject_rng(seed, subject, 1, view), config)
+    anatomy, pose = subject_geometry(subject, seed, config, view)
     acquisition = sample_acquisition(subject_rng(seed, subject, 2, view))
     return render_phantom(anatomy, pose, acquisition, config, subject_rng(seed, subject, 3, view), with_masks)
+
+
+def subject_geometry(subject: int, seed: int, config: PhantomConfig, view: int = 0) -> tuple[Anatomy, Pose]:
+    """The anatomy and pose of a view, without rendering it (cheap)."""
+    anatomy = sample_anatomy(subject_rng(seed, subject, 0))
+    return anatomy, sample_fitting_pose(subject_rng(seed, subject, 1, view), config, anatomy)
+
+
+def image_landmarks(anatomy: Anatomy, pose: Pose, size: int) -> dict[str, tuple[float, float]]:
+    """Landmarks in image pixels: the canonical points moved by the pose matrix of the pixels."""
+    canonical = canonical_landmarks(anatomy)
+    moved = pose.apply(np.array(list(canonical.values())) * size, size)
+    return {name: (float(x), float(y)) for name, (x, y) in zip(canonical, moved, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +200,19 @@ def sample_pose(rng: np.random.Generator, config: PhantomConfig) -> Pose:
         shift_x=rng.uniform(-shift, shift),
         shift_y=rng.uniform(-shift, shift),
     )
+
+
+def sample_fitting_pose(rng: np.random.Generator, config: PhantomConfig, anatomy: Anatomy,
+                        margin: float = 0.03) -> Pose:
+    """A pose that keeps every landmark at least `margin` (fraction of the size) inside the image."""
+    points = np.array(list(canonical_landmarks(anatomy).values())) * config.size
+    low, high = margin * config.size, (1 - margin) * config.size
+    for _ in range(50):
+        pose = sample_pose(rng, config)
+        moved = pose.apply(points, config.size)
+        if np.all((moved >= low) & (moved <= high)):
+            return pose
+    return Pose()  # the canonical frame keeps all landmarks well inside
 
 
 def sample_acquisition(rng: np.random.Generator) -> Acquisition:
@@ -677,9 +702,7 @@ def render_phantom(
     window = (low, high + 0.15 * (high - low))
     scatter_base = float(np.exp(-acquisition.mu * density[::4, ::4]).mean())
     image = expose(warp(density, pose), window, acquisition, config, rng, scatter_base)
-    canonical = canonical_landmarks(anatomy)
-    moved = pose.apply(np.array(list(canonical.values())) * size, size)
-    landmarks = {name: (float(x), float(y)) for name, (x, y) in zip(canonical, moved, strict=True)}
+    landmarks = image_landmarks(anatomy, pose, size)
     if not with_masks:
         return Phantom(image=image, landmarks=landmarks)
     image_masks = {name: warp(mask.astype(np.uint8), pose, order=0) > 0 for name, mask in masks.items()}
