@@ -147,11 +147,29 @@ def _dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if raw.ndim == 3:  # colour (e.g. RGB fundus), samples last
         return _minmax(raw.astype(np.float32)) if raw.dtype != np.uint8 else raw / np.float32(255)
-    values = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
-    grey = _minmax(values)
+    grey = _dicom_grey(apply_modality_lut(raw, ds), ds)
     if photometric == "MONOCHROME1":  # high values are dark: invert to the usual display
         grey = 1.0 - grey
     return _to_rgb(grey)
+
+
+def _dicom_grey(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Apply the VOI window or LUT and scale its output range to [0, 1].
+
+    Scaling by the VOI output range (not the image's own min/max) keeps the window's meaning:
+    values below it are black, above it white. Without a usable VOI the actual range is used.
+    """
+    if "VOILUTSequence" not in ds and not ("WindowCenter" in ds and "WindowWidth" in ds):
+        return _minmax(values.astype(np.float32))
+    try:
+        windowed = apply_voi_lut(values, ds).astype(np.float64)
+        # The VOI output range: what the transform gives far below and far above any input.
+        low, high = sorted(apply_voi_lut(np.array([-(2**31), 2**31 - 1], dtype=np.int64), ds).tolist())
+    except (ValueError, TypeError, IndexError, AttributeError):  # malformed VOI attributes
+        return _minmax(values.astype(np.float32))
+    if high <= low:
+        return _minmax(windowed.astype(np.float32))
+    return np.clip((windowed - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,225 @@
+"""Decoding (PNG, 16-bit PNG, JPEG, DICOM) and the pixel <-> model <-> grid coordinate mapping."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from ace_model.config import PIXEL_MEAN, PIXEL_STD
+from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, load_image, prepare
+
+SIZES = st.sampled_from([(64, 4), (224, 14), (448, 14)])
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dicom_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chest_cr_path() -> str:
+    path = get_testdata_file("RG1_UNCR.dcm")  # real chest CR from pydicom-data, MONOCHROME1
+    assert path is not None, "pydicom-data is not installed"
+    return str(path)
+
+
+@pytest.fixture
+def chest_cr(chest_cr_path: str) -> pydicom.Dataset:
+    return pydicom.dcmread(chest_cr_path)
+
+
+# --- coordinates -----------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(2, 5000), height=st.integers(2, 5000), size_grid=SIZES,
+       fx=st.floats(0, 1), fy=st.floats(0, 1))
+def test_pixel_grid_round_trip(
+    width: int, height: int, size_grid: tuple[int, int], fx: float, fy: float
+) -> None:
+    size, grid = size_grid
+    mapping = CoordinateMap.letterbox(width, height, size, grid)
+    xy = np.array([fx * width, fy * height])
+    np.testing.assert_allclose(mapping.from_grid(mapping.to_grid(xy)), xy, atol=1e-6 * max(width, height))
+    np.testing.assert_allclose(mapping.to_original(mapping.to_model(xy)), xy, atol=1e-6 * max(width, height))
+    model_xy = mapping.to_model(xy)
+    assert (model_xy >= -1e-9).all() and (model_xy <= size + 1e-9).all()
+    row, col = mapping.patch_of(xy)
+    grid_x, grid_y = mapping.to_grid(xy)
+    assert abs(col - grid_x) <= 0.5 + 1e-9 or col in (0, grid - 1)
+    assert abs(row - grid_y) <= 0.5 + 1e-9 or row in (0, grid - 1)
+
+
+def test_grid_convention_patch_centres() -> None:
+    mapping = CoordinateMap.letterbox(640, 640, 64, 4)  # 10 original px per model px, stride 16
+    np.testing.assert_allclose(mapping.to_grid(np.array([80.0, 240.0])), [0.0, 1.0])
+    np.testing.assert_allclose(mapping.patch_centres()[:2], [[80, 80], [240, 80]])  # row-major
+    np.testing.assert_array_equal(mapping.patch_of(np.array([639.0, 0.0])), [0, 3])  # (row, col)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "dots"),
+    [
+        (300, 200, [(213, 57), (20, 180), (150, 100)]),  # landscape: bars above and below
+        (90, 160, [(10, 150), (77, 12)]),  # portrait: bars left and right
+        (257, 257, [(200, 31)]),
+    ],
+)
+def test_bright_dot_lands_where_the_mapping_says(
+    width: int, height: int, dots: list[tuple[int, int]]
+) -> None:
+    """Away from the borders (where the resize filter is clipped) the dot's centroid is exact."""
+    size, grid = 64, 4
+    for x, y in dots:
+        image = np.zeros((height, width), dtype=np.uint8)
+        image[y, x] = 255
+        tensor, mapping = prepare(decode_image(png_bytes(image)), size, grid)
+        intensity = (tensor[0].numpy() * PIXEL_STD + PIXEL_MEAN).clip(0, None)  # (size, size)
+        rows, cols = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
+        centroid = np.array([(cols * intensity).sum(), (rows * intensity).sum()]) / intensity.sum()
+        predicted = mapping.to_model(np.array([x + 0.5, y + 0.5]))
+        np.testing.assert_allclose(centroid, predicted, atol=0.3)
+        brightest = np.unravel_index(intensity.argmax(), intensity.shape)
+        patch = mapping.patch_of(np.array([x + 0.5, y + 0.5]))
+        assert tuple(patch) == (brightest[0] // 16, brightest[1] // 16)
+
+
+def test_letterbox_padding_is_black_and_marked_invalid() -> None:
+    image = np.full((100, 300), 255, dtype=np.uint8)  # wide: 64 x 21 content, 21 px bars above/below
+    tensor, mapping = prepare(decode_image(png_bytes(image)), 64, 4)
+    assert tensor.shape == (3, 64, 64)
+    content = tensor[0] * PIXEL_STD + PIXEL_MEAN
+    assert mapping.content_size == (64, 21) and mapping.pad_y == 21
+    assert np.allclose(content[:21].numpy(), 0, atol=1e-5) and np.allclose(content[42:].numpy(), 0, atol=1e-5)
+    assert np.allclose(content[22:41].numpy(), 1, atol=1e-5)
+    np.testing.assert_array_equal(mapping.valid_patches().reshape(4, 4).any(1), [False, True, True, False])
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+def test_png_8bit_grey_and_rgb() -> None:
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    decoded = decode_image(png_bytes(grey))
+    assert decoded.format == "png" and decoded.pixels.shape == (16, 16, 3)
+    np.testing.assert_allclose(decoded.pixels[..., 1], grey / 255.0, atol=1e-7)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    np.testing.assert_allclose(decode_image(png_bytes(rgb)).pixels, rgb / 255.0, atol=1e-7)
+
+
+def test_png_16bit_uses_its_full_range() -> None:
+    values = np.linspace(1000, 50000, 64).astype(np.uint16).reshape(8, 8)
+    decoded = decode_image(png_bytes(values))
+    expected = (values.astype(np.float64) - 1000) / 49000
+    np.testing.assert_allclose(decoded.pixels[..., 0], expected, atol=1e-6)
+    assert decoded.pixels.dtype == np.float32
+
+
+def test_jpeg() -> None:
+    grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (32, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="JPEG", quality=95)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.format == "jpeg" and decoded.width == 64 and decoded.height == 32
+    np.testing.assert_allclose(decoded.pixels[..., 0], grey / 255.0, atol=0.03)
+
+
+def expected_cr_grey(ds: pydicom.Dataset) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 LINEAR window to [0, 1], then MONOCHROME1 inversion."""
+    centre, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    linear = np.clip((ds.pixel_array.astype(np.float64) - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+    return 1 - linear if ds.PhotometricInterpretation == "MONOCHROME1" else linear
+
+
+def test_real_chest_cr_dicom(chest_cr_path: str, chest_cr: pydicom.Dataset) -> None:
+    decoded = load_image(chest_cr_path)
+    assert decoded.format == "dicom" and (decoded.height, decoded.width) == (1955, 1841)
+    assert decoded.patient_id == str(chest_cr.PatientID)
+    assert np.array_equal(decoded.pixels[..., 0], decoded.pixels[..., 2])
+    np.testing.assert_allclose(decoded.pixels[..., 0], expected_cr_grey(chest_cr), atol=1e-5)
+    centre = decoded.pixels[700:1100, 500:1300, 0].mean()  # lungs and mediastinum
+    assert centre < decoded.pixels[-150:, :, 0].mean()  # abdomen/diaphragm below is brighter
+
+
+def test_monochrome1_is_inverted(chest_cr_path: str, chest_cr: pydicom.Dataset) -> None:
+    original = load_image(chest_cr_path).pixels
+    chest_cr.PhotometricInterpretation = "MONOCHROME2"
+    flipped = decode_image(dicom_bytes(chest_cr)).pixels
+    np.testing.assert_allclose(flipped, 1 - original, atol=1e-6)
+
+
+def test_voi_window_is_applied(chest_cr: pydicom.Dataset) -> None:
+    chest_cr.WindowCenter, chest_cr.WindowWidth = 6000, 4000
+    decoded = decode_image(dicom_bytes(chest_cr)).pixels[..., 0]
+    np.testing.assert_allclose(decoded, expected_cr_grey(chest_cr), atol=1e-5)
+    assert (decoded == 0).mean() > 0.1 and (decoded == 1).mean() > 0.05  # saturated outside the window
+
+
+def test_dicom_without_voi_uses_its_actual_range(chest_cr: pydicom.Dataset) -> None:
+    del chest_cr.WindowCenter, chest_cr.WindowWidth
+    decoded = decode_image(dicom_bytes(chest_cr)).pixels[..., 0]
+    raw = chest_cr.pixel_array.astype(np.float64)
+    np.testing.assert_allclose(decoded, 1 - (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
+
+
+def test_multiframe_dicom_is_refused() -> None:
+    path = get_testdata_file("emri_small.dcm")  # 10 frames
+    with pytest.raises(ImageDecodeError, match="multi-frame DICOM") as info:
+        load_image(str(path))
+    assert info.value.kind == "multiframe"
+
+
+def test_multiframe_tiff_is_refused() -> None:
+    frames = [Image.fromarray(np.full((8, 8), v, dtype=np.uint8)) for v in (0, 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(buffer.getvalue())
+    assert info.value.kind == "multiframe"
+
+
+def test_truncated_dicom_is_corrupt(chest_cr_path: str) -> None:
+    with open(chest_cr_path, "rb") as fh:
+        data = fh.read()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data[: len(data) // 2])
+    assert info.value.kind == "corrupt"
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_truncated_png_and_jpeg_are_corrupt(image_format: str) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format=image_format)
+    data = buffer.getvalue()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data[: len(data) // 2])
+    assert info.value.kind == "corrupt"
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, this is not an image", b"%PDF-1.4\n" + bytes(300)])
+def test_non_images_are_unsupported(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data)
+    assert info.value.kind == "unsupported"
+
+
+def test_too_large_and_too_small_images() -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(png_bytes(np.zeros((100, 100), dtype=np.uint8)), max_pixels=5000)
+    assert info.value.kind == "too_large"
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(png_bytes(np.zeros((1, 40), dtype=np.uint8)))
+    assert info.value.kind == "corrupt"
