@@ -166,11 +166,11 @@ def test_ace_eval_end_to_end_writes_the_report(tmp_path: Path, tiny_artifact: Pa
     write_landmark_set(tmp_path / "data")
     out = tmp_path / "report"
     code = main(["eval", "--encoder", str(tiny_artifact), "--encoder-b", str(tiny_artifact),
-                 "--name-b", "ablation", "--random-baseline", "--ncc", "--ncc-template", "9",
+                 "--name-b", "ablation", "--refine-ablation", "--random-baseline", "--ncc", "--ncc-template", "9",
                  "--data", str(tmp_path / "data"), "--crop-group", "4", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    methods = ["ace", "ablation", "random-init", "ncc"]
+    methods = ["ace", "ablation", "ace (no sub-patch)", "random-init", "ncc"]
     assert [m["name"] for m in report["methods"]] == methods
     assert report["n_images"] == 4 and report["n_pairs"] == 12
     assert list(report["landmarks"]) == methods

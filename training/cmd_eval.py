@@ -6,11 +6,15 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ace_model.encoder import ArtifactError, Encoder, load_encoder
 
+if TYPE_CHECKING:
+    from training.evaluate import EvalOptions
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate encoders on a landmark data set against baselines",
         description="Locate every landmark of each image in every other image with each encoder "
@@ -22,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name-b", default="encoder-b", help="method name of --encoder-b")
     parser.add_argument("--random-baseline", action="store_true",
                         help="add the same architecture with random initialisation")
+    parser.add_argument("--refine-ablation", action="store_true",
+                        help="add --encoder without sub-patch refinement (integer patch peak)")
     parser.add_argument("--ncc", action="store_true", help="add NCC template matching")
     parser.add_argument("--ncc-template", type=int, default=33,
                         help="NCC template side in model pixels (default 33)")
@@ -46,10 +52,22 @@ def load_encoders(args: argparse.Namespace) -> list[tuple[str, Encoder]]:
     return encoders
 
 
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    from training.evaluate import EvalOptions
+
+    artifacts = [(args.name, args.encoder), (args.name_b, args.encoder_b)]
+    return EvalOptions(
+        data=args.data, encoders=tuple((name, Path(path)) for name, path in artifacts if path),
+        random_baseline=args.random_baseline, refine_ablation=args.refine_ablation,
+        ncc=args.ncc, real=args.real, max_images=args.max_images, max_pairs=args.max_pairs,
+        crop_group=args.crop_group, ncc_template=args.ncc_template,
+        real_transforms=args.real_transforms, seed=args.seed, batch_size=args.batch_size)
+
+
 def run(args: argparse.Namespace) -> int:
     # imported here so `ace --help` stays fast
     from training.eval_report import write_report
-    from training.evaluate import EvalOptions, run_evaluation
+    from training.evaluate import run_evaluation
 
     if args.name == args.name_b and args.encoder_b is not None:
         print("error: --name and --name-b must differ", file=sys.stderr)
@@ -59,13 +77,7 @@ def run(args: argparse.Namespace) -> int:
     except ArtifactError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    options = EvalOptions(
-        data=args.data, encoders=tuple((name, Path(p)) for name, p in
-                                       [(args.name, args.encoder), (args.name_b, args.encoder_b)] if p),
-        random_baseline=args.random_baseline, ncc=args.ncc, real=args.real,
-        max_images=args.max_images, max_pairs=args.max_pairs, crop_group=args.crop_group,
-        ncc_template=args.ncc_template, real_transforms=args.real_transforms, seed=args.seed,
-        batch_size=args.batch_size)
+    options = options_from_args(args)
     try:
         result = run_evaluation(options, encoders)
     except (FileNotFoundError, ValueError) as err:

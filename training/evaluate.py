@@ -377,6 +377,7 @@ class EvalOptions:
     crop_group: int = 16  # N of the crop-retrieval protocol (chance = 1/N)
     ncc_template: int = 33  # NCC template side in model pixels
     real_transforms: int = 3  # random affine warps per real image
+    refine_ablation: bool = False  # add the first encoder without sub-patch refinement
     seed: int = 0
     batch_size: int = 8
 
@@ -392,7 +393,11 @@ class EvalResult:
 def build_methods(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
                   ) -> tuple[list[Method], list[EncoderMethod]]:
     """All compared methods, and the encoder-based subset (crop retrieval needs an encoder)."""
+    # the no-refinement ablation has the same global embedding: it is left out of crop retrieval
     encoder_methods = [EncoderMethod(name, enc, options.batch_size) for name, enc in encoders]
+    if options.refine_ablation:
+        name, encoder = encoders[0]
+        encoder_methods.append(EncoderMethod(f"{name} (no sub-patch)", encoder, options.batch_size, "none"))
     if options.random_baseline:
         spec = encoders[0][1].spec
         encoder_methods.append(EncoderMethod("random-init", random_encoder(spec, options.seed),
@@ -407,7 +412,7 @@ def describe(method: Method) -> dict[str, Any]:
     if isinstance(method, EncoderMethod):
         spec = method.encoder.spec
         return {"name": method.name, "kind": "encoder", "backbone": spec.backbone,
-                "img_size": spec.img_size, "grid": method.encoder.grid,
+                "img_size": spec.img_size, "grid": method.encoder.grid, "refine": method.refine,
                 "fingerprint": method.encoder.fingerprint or "(random init, not saved)"}
     if isinstance(method, NCCMethod):
         return {"name": method.name, "kind": "ncc", "img_size": method.size,
@@ -441,7 +446,8 @@ def run_evaluation(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
         "methods": [describe(m) for m in methods],
         "landmarks": {m.name: landmark_metrics(predictions, diagonals, m.name) for m in methods},
         "crop_retrieval": {m.name: crop_retrieval(m.encoder, images, options.crop_group, options.seed,
-                                                  options.batch_size) for m in encoder_methods},
+                                                  options.batch_size)
+                           for m in encoder_methods if m.refine != "none"},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()
                      if k != "encoders"},
     }
