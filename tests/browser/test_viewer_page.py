@@ -61,8 +61,10 @@ def test_landmark_matches_are_drawn_as_the_api_answered(
     page.set_input_files("#target-file", str(corpus.target))
     expect(page.locator("#status")).to_contain_text("Target:")
 
+    page.focus("#k")
+    page.keyboard.press("Tab")  # buttons are reachable and work from the keyboard
+    assert page.evaluate("document.activeElement.id") == "match-btn"
     with page.expect_response(lambda r: r.url.endswith("/match")) as answer:
-        page.focus("#match-btn")
         page.keyboard.press("Enter")
     assert answer.value.status == 200
     body = answer.value.json()
@@ -75,7 +77,8 @@ def test_landmark_matches_are_drawn_as_the_api_answered(
         check_correspondence_drawn(page, i, result["correspondences"][0])
 
     with page.expect_response(lambda r: r.url.endswith("/heatmap")) as heat:
-        page.check("#heatmap-toggle")
+        page.focus("#heatmap-toggle")
+        page.keyboard.press("Space")
     assert heat.value.status == 200
     expect(page.locator('.card.target .figure[data-heatmap="on"]')).to_have_count(1)
     expect(page.locator('.point-result.selected .figure[data-heatmap="on"]')).to_have_count(3)
