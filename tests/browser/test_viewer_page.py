@@ -82,6 +82,10 @@ def test_landmark_matches_are_drawn_as_the_api_answered(
     assert heat.value.status == 200
     expect(page.locator('.card.target .figure[data-heatmap="on"]')).to_have_count(1)
     expect(page.locator('.point-result.selected .figure[data-heatmap="on"]')).to_have_count(3)
+    with page.expect_response(lambda r: r.url.endswith("/heatmap")):  # select point 1: its maps
+        page.click("#points li:first-child .point-chip")
+    expect(page.locator('.point-result[data-point="0"] .figure[data-heatmap="on"]')).to_have_count(3)
+    expect(page.locator('.point-result[data-point="1"] .figure[data-heatmap="on"]')).to_have_count(0)
 
     page.wait_for_function("[...document.images].every(img => img.complete && img.naturalWidth > 0)")
     page.screenshot(path=str(artifacts / "viewer.png"), full_page=True)
