@@ -3,6 +3,7 @@ the landmark data set format and `ace data`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,8 @@ def test_cli_writes_the_documented_files_and_they_read_back(tmp_path: Path) -> N
     assert sorted(p.name for p in (out / "images").iterdir()) == ["phantom_00010.png", "phantom_00011.png"]
     assert (out / "landmarks.csv").read_text().splitlines()[0] == "image,landmark,x,y"
     assert (out / "metadata.csv").read_text().splitlines()[0] == "image,image_id,patient_id"
+    provenance = json.loads((out / "phantoms.json").read_text())
+    assert provenance["subjects"] == [10, 12] and provenance["config"]["size"] == 96
     items = read_landmark_set(out)
     assert [item.image_id for item in items] == ["phantom_00010", "phantom_00011"]
     assert items[0].patient_id == "phantom_subject_00010" and items[0].image == "images/phantom_00010.png"

@@ -20,7 +20,7 @@ DEMO_PHANTOMS = 24
 SAMPLE_DICOM = "RG1_UNCR.dcm"  # a chest CR radiograph in pydicom-data
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("data", help="write phantom or demo data sets",
                                    description="Write landmark data sets (docs/data.md).")
     commands = parser.add_subparsers(dest="data_command", required=True)
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_demo(commands)
 
 
-def _register_phantoms(commands: argparse._SubParsersAction) -> None:
+def _register_phantoms(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "phantoms", help="synthetic PA chest radiographs with 14 named landmarks",
         description="Write DIR/images/<id>.png, DIR/landmarks.csv (image,landmark,x,y) and "
@@ -48,7 +48,7 @@ def _register_phantoms(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_phantoms)
 
 
-def _register_demo(commands: argparse._SubParsersAction) -> None:
+def _register_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "demo", help="the bundled demo data: phantoms + real sample images",
         description="Write DIR/phantoms (a phantom landmark set) and DIR/samples (a chest CR DICOM "

@@ -15,9 +15,10 @@ subject differ only in pose and exposure.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,9 @@ LANDMARK_NAMES = (
     "costophrenic_angle_left",
     "costophrenic_angle_right",
 )
+# Bumped whenever the images of a given (seed, subject, view) change: train and eval sets should
+# come from the same version (recorded in DIR/phantoms.json).
+GENERATOR_VERSION = 1
 # Patient's side -> direction on the image in a PA view (patient's left appears on the right).
 SIDES = {"right": -1.0, "left": 1.0}
 
@@ -748,7 +752,17 @@ def write_phantom_set(
             metadata.append((f"images/{image_id}.png", image_id, f"phantom_subject_{subject:05d}"))
     write_landmarks_csv(out / "landmarks.csv", landmarks)
     write_metadata_csv(out / "metadata.csv", metadata)
+    _write_provenance(out / "phantoms.json", seed, config, start_id, n, views)
     return out
+
+
+def _write_provenance(
+    path: Path, seed: int, config: PhantomConfig, start_id: int, n: int, views: int
+) -> None:
+    """Record how the set was made: sets from different generator versions differ in appearance."""
+    record = {"generator_version": GENERATOR_VERSION, "seed": seed, "subjects": [start_id, start_id + n],
+              "views": views, "config": asdict(config)}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _prepare_out_dir(out: Path, force: bool) -> Path:
@@ -758,7 +772,8 @@ def _prepare_out_dir(out: Path, force: bool) -> Path:
         if not force:
             raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace "
                                   "the phantoms in it")
-        for stale in [*out.glob("images/phantom_*.png"), out / "landmarks.csv", out / "metadata.csv"]:
+        owned = [out / "landmarks.csv", out / "metadata.csv", out / "phantoms.json"]
+        for stale in [*out.glob("images/phantom_*.png"), *owned]:
             stale.unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     return out
