@@ -49,7 +49,7 @@ def _parse_array(text: str, field: str, width: int, max_rows: int) -> np.ndarray
     example = "[[120.5, 80]]" if width == 2 else "[[10, 20, 60, 90]]"
     try:
         value = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
         raise invalid(f"`{field}` is not valid JSON ({err}); expected e.g. {example}") from err
     if not isinstance(value, list) or not value:
         raise invalid(f"`{field}` must be a non-empty JSON array, e.g. {example}")
@@ -67,9 +67,14 @@ def _reject_constant(name: str) -> float:
 def _is_numbers(row: object, width: int) -> bool:
     if not isinstance(row, list) or len(row) != width:
         return False
-    return all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in row
-    )
+    return all(isinstance(v, int | float) and not isinstance(v, bool) and _finite(v) for v in row)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def check_inside(shapes: QueryShapes, coords: CoordinateMap) -> None:

@@ -88,7 +88,7 @@ def _parse_ids(text: str | None, max_ids: int) -> list[str]:
         return []
     try:
         ids = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:
         raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,7 @@ def test_phantom_landmarks_land_within_5_percent_of_the_diagonal(tmp_path: Path)
         files = [("image", ("q.png", query.path.read_bytes(), "image/png")),
                  ("targets", ("t.png", target.path.read_bytes(), "image/png"))]
         points = [list(query.points[name]) for name in names]
-        response = client.post("/match", files=files, data={"points": str(points)})
+        response = client.post("/match", files=files, data={"points": json.dumps(points)})
     assert response.status_code == 200, response.text
     found = np.array([[r["correspondences"][0]["x"], r["correspondences"][0]["y"]]
                       for r in response.json()["results"]])
