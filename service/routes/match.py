@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ace_model.index import PatchIndex
 from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, prepare
-from service.batcher import Batcher, Embedded, QueueFullError
+from service.batcher import Embedded, QueueFullError
 from service.config import Settings
 from service.errors import ApiError, from_decode_error, invalid
 from service.queries import QuerySet, QueryShapes, check_inside, embed_queries, locate_queries, parse_shapes
@@ -64,7 +64,7 @@ async def match(
     uploads = [await _prepare_upload(f, f"targets[{i}]", state) for i, f in enumerate(target_files)]
     with state.index.lease() as index:
         _check_ids(index, ids)
-        embedded = await _embed(state.batcher, [query, *uploads])
+        embedded = await _embed(state, [query, *uploads])
         search_started = time.perf_counter()
         results = await run_in_threadpool(
             _answer, shapes, query, embedded, uploads, index, ids, k
@@ -123,10 +123,11 @@ def _decode_prepare(data: bytes, size: int, grid: int, max_pixels: int) -> tuple
     return prepare(decode_image(data, max_pixels), size, grid)
 
 
-async def _embed(batcher: Batcher, images: list[Prepared]) -> list[Embedded]:
+async def _embed(state: AppState, images: list[Prepared]) -> list[Embedded]:
     try:
-        return await batcher.embed([p.tensor for p in images])
+        return await state.batcher.embed([p.tensor for p in images])
     except QueueFullError as err:
+        state.metrics.rejected.inc(len(images))
         raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
 
 
