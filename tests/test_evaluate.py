@@ -18,6 +18,7 @@ from training.evaluate import (
     choose_pairs,
     image_diagonal,
     map_points,
+    mutual_metrics,
     radial_errors,
     random_affine,
     random_crop,
@@ -76,6 +77,13 @@ def test_summarize_by_landmark_groups_by_name() -> None:
 def test_summarize_rejects_no_errors() -> None:
     with pytest.raises(ValueError, match="no errors"):
         summarize(np.array([]), np.array([]))
+
+
+def test_mutual_metrics_split_errors_by_flag() -> None:
+    out = mutual_metrics(np.array([True, False, True]), np.array([1.0, 9.0, 3.0]), np.full(3, 100.0))
+    assert out["rate"] == pytest.approx(2 / 3)
+    assert out["mean_pct_mutual"] == pytest.approx(2.0)
+    assert out["mean_pct_not_mutual"] == pytest.approx(9.0)
 
 
 def test_choose_pairs_all_or_seeded_subset() -> None:
@@ -166,7 +174,8 @@ def test_ace_eval_end_to_end_writes_the_report(tmp_path: Path, tiny_artifact: Pa
     write_landmark_set(tmp_path / "data")
     out = tmp_path / "report"
     code = main(["eval", "--encoder", str(tiny_artifact), "--encoder-b", str(tiny_artifact),
-                 "--name-b", "ablation", "--refine-ablation", "--random-baseline", "--ncc", "--ncc-template", "9",
+                 "--name-b", "ablation", "--refine-ablation", "--random-baseline",
+                 "--ncc", "--ncc-template", "9",
                  "--data", str(tmp_path / "data"), "--crop-group", "4", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -177,6 +186,7 @@ def test_ace_eval_end_to_end_writes_the_report(tmp_path: Path, tiny_artifact: Pa
     assert list(report["landmarks"]["ncc"]["per_landmark"]) == list(LANDMARKS)
     assert report["landmarks"]["ace"]["overall"]["n"] == 12 * len(LANDMARKS)
     assert report["landmarks"]["ace"] == report["landmarks"]["ablation"]  # same weights
+    assert "mutual" in report["landmarks"]["ace"] and "mutual" not in report["landmarks"]["ncc"]
     assert list(report["crop_retrieval"]) == ["ace", "ablation", "random-init"]
     assert report["crop_retrieval"]["ace"]["chance"] == pytest.approx(0.25)
     markdown = (out / "report.md").read_text()

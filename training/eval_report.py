@@ -78,11 +78,21 @@ def landmark_section(landmarks: dict[str, Any]) -> list[str]:
     success_rows = [[lm, *(f"{100 * landmarks[m]['per_landmark'][lm]['success_5pct']:.1f}"
                            for m in methods)] for lm in names]
     return ["## Cross-subject landmark localisation", "", "Overall (errors in target original pixels):",
-            "", *table(("method", *SUMMARY_HEADER), overall), "",
+            "", *table(("method", *SUMMARY_HEADER), overall), "", *mutual_lines(landmarks),
             "Mean radial error per landmark, % of the image diagonal:", "",
             *table(("landmark", *methods), mean_rows), "",
             "Success within 5 % of the diagonal per landmark (%):", "",
             *table(("landmark", *methods), success_rows), ""]
+
+
+def mutual_lines(landmarks: dict[str, Any]) -> list[str]:
+    rows = [[name, f"{100 * m['mutual']['rate']:.1f}", f"{m['mutual']['mean_pct_mutual']:.2f}",
+             f"{m['mutual']['mean_pct_not_mutual']:.2f}"] for name, m in landmarks.items() if "mutual" in m]
+    if not rows:
+        return []
+    return ["Mutual nearest neighbours (the service's confidence flag): how often a match is mutual "
+            "and the mean error (% of diagonal) of mutual and non-mutual matches:", "",
+            *table(("method", "mutual (%)", "mean % diag, mutual", "mean % diag, not mutual"), rows), ""]
 
 
 def crop_section(crop: dict[str, Any]) -> list[str]:

@@ -118,9 +118,13 @@ class EncoderMethod:
                                   for c in self.coords])
 
     def locate(self, query: int, target: int, xy: np.ndarray) -> np.ndarray:
+        return self.locate_with_mutual(query, target, xy)[0]
+
+    def locate_with_mutual(self, query: int, target: int, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2) target original px and (N,) bool mutual-nearest-neighbour flags."""
         query_xy = self.coords[query].to_grid(xy)
         found = locate(self.grids[query], query_xy, self.grids[target], self.valid[target], self.refine)
-        return self.coords[target].from_grid(found.xy)
+        return self.coords[target].from_grid(found.xy), found.mutual
 
 
 @dataclass
@@ -182,6 +186,7 @@ class PairPrediction:
     query_xy: np.ndarray  # (N, 2) original px in the query
     true_xy: np.ndarray  # (N, 2) original px in the target
     predicted: dict[str, np.ndarray]  # method name -> (N, 2) original px in the target
+    mutual: dict[str, np.ndarray]  # encoder method name -> (N,) bool mutual-NN flags
 
 
 def choose_pairs(patients: Sequence[str | None], max_pairs: int | None, seed: int) -> list[tuple[int, int]]:
@@ -210,8 +215,13 @@ def predict_pairs(methods: Sequence[Method], items: Sequence[LandmarkImage],
             continue
         query_xy = np.array([items[q].points[n] for n in names])
         true_xy = np.array([items[t].points[n] for n in names])
-        predicted = {m.name: m.locate(q, t, query_xy) for m in methods}
-        results.append(PairPrediction(q, t, names, query_xy, true_xy, predicted))
+        predicted, mutual = {}, {}
+        for method in methods:
+            if isinstance(method, EncoderMethod):
+                predicted[method.name], mutual[method.name] = method.locate_with_mutual(q, t, query_xy)
+            else:
+                predicted[method.name] = method.locate(q, t, query_xy)
+        results.append(PairPrediction(q, t, names, query_xy, true_xy, predicted, mutual))
     return results
 
 
@@ -221,8 +231,21 @@ def landmark_metrics(predictions: Sequence[PairPrediction], diagonals: Sequence[
     names = [n for p in predictions for n in p.names]
     errors = np.concatenate([radial_errors(p.predicted[method], p.true_xy) for p in predictions])
     diags = np.concatenate([np.full(len(p.names), diagonals[p.target]) for p in predictions])
-    return {"overall": summarize(errors, diags),
-            "per_landmark": summarize_by_landmark(names, errors, diags)}
+    metrics: dict[str, Any] = {"overall": summarize(errors, diags),
+                               "per_landmark": summarize_by_landmark(names, errors, diags)}
+    if all(method in p.mutual for p in predictions):
+        mutual = np.concatenate([p.mutual[method] for p in predictions])
+        metrics["mutual"] = mutual_metrics(mutual, errors, diags)
+    return metrics
+
+
+def mutual_metrics(mutual: np.ndarray, errors: np.ndarray, diagonals: np.ndarray) -> dict[str, float]:
+    """How often matches are mutual nearest neighbours, and the mean error (% diag) of each kind."""
+    pct = 100.0 * errors / diagonals
+    nan = float("nan")
+    return {"rate": float(mutual.mean()),
+            "mean_pct_mutual": float(pct[mutual].mean()) if mutual.any() else nan,
+            "mean_pct_not_mutual": float(pct[~mutual].mean()) if (~mutual).any() else nan}
 
 
 # ---------------------------------------------------------------------------------------------
