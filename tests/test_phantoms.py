@@ -277,6 +277,19 @@ def test_read_landmark_set_explains_format_errors(tmp_path: Path, content: str, 
         read_landmark_set(tmp_path, check_images=False)
 
 
+def test_read_landmark_set_accepts_json(tmp_path: Path) -> None:
+    entry = {"image": "a.png", "patient_id": "p1", "landmarks": {"carina": [10.5, 20.25]}}
+    (tmp_path / "landmarks.json").write_text(json.dumps({"images": [entry]}))
+    [item] = read_landmark_set(tmp_path, check_images=False)
+    assert item.points == {"carina": (10.5, 20.25)} and item.patient_id == "p1" and item.image_id == "a"
+    (tmp_path / "landmarks.json").write_text(json.dumps({"images": [{"image": "a.png"}]}))
+    with pytest.raises(LandmarkFormatError, match="not a landmark file"):
+        read_landmark_set(tmp_path, check_images=False)
+    (tmp_path / "landmarks.json").write_text(json.dumps({"images": [{**entry, "landmarks": {"c": [1]}}]}))
+    with pytest.raises(LandmarkFormatError, match="must be"):
+        read_landmark_set(tmp_path, check_images=False)
+
+
 def test_read_landmark_set_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ace data phantoms"):
         read_landmark_set(tmp_path)

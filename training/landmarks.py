@@ -10,6 +10,7 @@ column i spans [i, i + 1)). metadata.csv is optional: without it the image id is
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,19 +35,23 @@ class LandmarkImage:
 
 
 def read_landmark_set(root: str | Path, check_images: bool = True) -> list[LandmarkImage]:
-    """Read DIR/landmarks.csv and the optional DIR/metadata.csv, sorted by image path.
+    """Read DIR/landmarks.csv (or DIR/landmarks.json) and the optional DIR/metadata.csv, sorted by
+    image path.
 
     Raises LandmarkFormatError (missing columns, bad numbers, duplicates) or FileNotFoundError.
     """
     root = Path(root)
     table = root / "landmarks.csv"
-    if not table.is_file():
+    if table.is_file():
+        points, metadata = _read_points(table), _read_metadata(root / "metadata.csv")
+    elif (root / "landmarks.json").is_file():
+        table = root / "landmarks.json"
+        points, metadata = _read_json(table)
+    else:
         raise FileNotFoundError(
             f"{table} not found: a landmark data set is a directory with images/ and landmarks.csv "
-            f"(columns {','.join(LANDMARK_COLUMNS)}); create one with `ace data phantoms`"
+            f"(columns {','.join(LANDMARK_COLUMNS)}) or landmarks.json; create one with `ace data phantoms`"
         )
-    points = _read_points(table)
-    metadata = _read_metadata(root / "metadata.csv")
     items = [_landmark_image(root, image, pts, metadata.get(image, {}))
              for image, pts in sorted(points.items())]
     if check_images:
@@ -85,20 +90,48 @@ def _read_points(table: Path) -> dict[str, dict[str, tuple[float, float]]]:
             raise LandmarkFormatError(f"{table}:{line}: empty image or landmark name")
         if name in points.setdefault(image, {}):
             raise LandmarkFormatError(f"{table}:{line}: landmark {name!r} of {image} appears twice")
-        points[image][name] = (_coordinate(row["x"], table, line), _coordinate(row["y"], table, line))
+        where = f"{table}:{line}"
+        points[image][name] = (_coordinate(row["x"], where), _coordinate(row["y"], where))
     if not points:
         raise LandmarkFormatError(f"{table} has a header but no landmark rows")
     return points
 
 
-def _coordinate(text: str | None, table: Path, line: int) -> float:
+def _coordinate(text: str | None, where: str) -> float:
     try:
         value = float(text or "")
     except ValueError:
-        raise LandmarkFormatError(f"{table}:{line}: coordinate {text!r} is not a number") from None
+        raise LandmarkFormatError(f"{where}: coordinate {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise LandmarkFormatError(f"{table}:{line}: coordinate {text!r} is not finite")
+        raise LandmarkFormatError(f"{where}: coordinate {text!r} is not finite")
     return value
+
+
+def _read_json(path: Path) -> tuple[dict[str, dict[str, tuple[float, float]]], dict[str, dict[str, str]]]:
+    """{"images": [{"image": "images/a.png", "image_id"?, "patient_id"?, "landmarks": {name: [x, y]}}]}"""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["images"]
+        points = {str(e["image"]): _json_points(e["landmarks"], path) for e in entries}
+        metadata = {str(e["image"]): {k: str(v) for k, v in e.items() if k in METADATA_COLUMNS}
+                    for e in entries}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LandmarkFormatError(
+            f"{path} is not a landmark file ({type(err).__name__}: {err}); expected "
+            '{"images": [{"image": "images/a.png", "landmarks": {"carina": [x, y]}}]}'
+        ) from None
+    if not points:
+        raise LandmarkFormatError(f"{path} lists no images")
+    return points, metadata
+
+
+def _json_points(landmarks: dict[str, list[float]], path: Path) -> dict[str, tuple[float, float]]:
+    points = {}
+    for name, xy in landmarks.items():
+        if len(xy) != 2:
+            raise LandmarkFormatError(f"{path}: landmark {name!r} must be [x, y], got {xy!r}")
+        where = f"{path} ({name})"
+        points[str(name)] = (_coordinate(str(xy[0]), where), _coordinate(str(xy[1]), where))
+    return points
 
 
 def _read_metadata(path: Path) -> dict[str, dict[str, str]]:
