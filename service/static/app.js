@@ -60,11 +60,9 @@ async function loadInfo() {
   }
 }
 
-function describeInfo(info) {
-  const encoder = info.encoder?.fingerprint ?? info.encoder ?? "?";
-  const index = info.index;
-  if (!index || !index.version) return `Encoder ${encoder} · no index loaded`;
-  return `Encoder ${encoder} · index ${index.version} (${index.num_images} images)`;
+function describeInfo({ encoder, index }) {
+  const served = index ? `index ${index.version} (${index.num_images} images)` : "no index loaded";
+  return `Encoder ${encoder.fingerprint} (${encoder.backbone}) · ${served}`;
 }
 
 async function loadImageList() {
@@ -72,10 +70,8 @@ async function loadImageList() {
   try {
     const { images } = await getJson("/images?limit=500");
     if (!images.length) return;
-    const options = images.map(({ image_id, patient_id }) => {
-      const option = new Option(patient_id ? `${image_id} (${patient_id})` : image_id, image_id);
-      return option;
-    });
+    const options = images.map(({ image_id, patient_id }) =>
+      new Option(patient_id ? `${image_id} (${patient_id})` : image_id, image_id));
     select.replaceChildren(new Option("(choose an indexed image)", ""), ...options);
     select.disabled = false;
   } catch {
@@ -168,6 +164,14 @@ function removePoint(i) {
   state.selected = clamp(state.selected, 0, Math.max(state.points.length - 1, 0));
   clearResults();
   renderQuery();
+  focusChip(Math.min(i, state.points.length - 1)) || $("query-figure").focus();
+}
+
+// The list is re-rendered on every change: put keyboard focus back where it was.
+function focusChip(i) {
+  const chip = $("points").children[i]?.querySelector(".point-chip");
+  chip?.focus();
+  return Boolean(chip);
 }
 
 function clearPoints() {
@@ -182,6 +186,7 @@ function clearPoints() {
 function selectPoint(i) {
   state.selected = i;
   renderQuery();
+  focusChip(i);
   highlightSelected();
   if ($("heatmap-toggle").checked) guarded(loadHeatmaps);
 }

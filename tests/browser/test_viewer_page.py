@@ -83,7 +83,9 @@ def test_landmark_matches_are_drawn_as_the_api_answered(
     expect(page.locator('.card.target .figure[data-heatmap="on"]')).to_have_count(1)
     expect(page.locator('.point-result.selected .figure[data-heatmap="on"]')).to_have_count(3)
     with page.expect_response(lambda r: r.url.endswith("/heatmap")):  # select point 1: its maps
-        page.click("#points li:first-child .point-chip")
+        page.focus("#points li:first-child .point-chip")
+        page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.getAttribute('aria-pressed')") == "true"  # kept focus
     expect(page.locator('.point-result[data-point="0"] .figure[data-heatmap="on"]')).to_have_count(3)
     expect(page.locator('.point-result[data-point="1"] .figure[data-heatmap="on"]')).to_have_count(0)
 
