@@ -1,0 +1,57 @@
+"""`ace serve`: options become ACE_ variables, and the command really serves over loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from training.cli import build_parser
+from training.cmd_serve import export_environment, run_serve
+
+
+def test_options_become_ace_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ACE_ENCODER", "ACE_MAX_BATCH_SIZE", "ACE_INDEX_ROOT", "ACE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["serve", "--encoder", "enc", "--max-batch-size", "4"])
+    export_environment(args)
+    assert os.environ["ACE_ENCODER"] == "enc" and os.environ["ACE_MAX_BATCH_SIZE"] == "4"
+    assert "ACE_INDEX_ROOT" not in os.environ and "ACE_API_KEY" not in os.environ
+
+
+def test_serve_without_an_encoder_explains_itself(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("ACE_ENCODER", raising=False)
+    assert run_serve(build_parser().parse_args(["serve"])) == 2
+    assert "--encoder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ace_serve_answers_on_loopback(encoder_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "training.cli", "serve", "--encoder", str(encoder_dir),
+               "--port", str(port), "--poll-interval", "0", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "ace serve did not start"
+            time.sleep(0.2)
+        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+        assert info["index"] is None and info["encoder"]["img_size"] == 64
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
