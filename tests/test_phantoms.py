@@ -119,10 +119,10 @@ def test_hemidiaphragm_dome_tops_the_lung_diaphragm_edge(phantoms: list[Phantom]
             assert mean_around(phantom.image, x, y + step) > mean_around(phantom.image, x, y - step) + 20
             lung_column = phantom.masks[f"lung_{side}"][:, int(x)]
             assert abs(np.nonzero(lung_column)[0].max() + 1 - y) < 2
-            # the top: the diaphragm surface is lower on both sides of the dome
+            # the top: the diaphragm surface falls away on both sides of the dome
             surface = phantom.masks["abdomen"].argmax(axis=0)
-            for dx in (-0.08 * SIZE, 0.08 * SIZE):
-                assert surface[int(x + dx)] > surface[int(x)]
+            around = [surface[int(x + dx)] for dx in (-0.08 * SIZE, 0.08 * SIZE)]
+            assert min(around) >= surface[int(x)] and max(around) > surface[int(x)] + 1
 
 
 def test_lung_apex_is_the_top_of_the_dark_lung(phantoms: list[Phantom]) -> None:

@@ -47,7 +47,7 @@ LANDMARK_NAMES = (
 )
 # Bumped whenever the images of a given (seed, subject, view) change: train and eval sets should
 # come from the same version (recorded in DIR/phantoms.json).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # Patient's side -> direction on the image in a PA view (patient's left appears on the right).
 SIDES = {"right": -1.0, "left": 1.0}
 
@@ -271,7 +271,7 @@ def _sample_lung(
         dome_y=dome_y,
         dome_off=min(dome_off, lateral_off - 0.025 - 0.06 * scale),
         cp_depth=cp_depth,
-        medial_drop=cp_depth * rng.uniform(0.3, 0.8),
+        medial_drop=min(scale * rng.uniform(0.03, 0.06), 0.9 * cp_depth),
     )
 
 
@@ -363,7 +363,7 @@ def _sample_densities(rng: np.random.Generator) -> Densities:
     return Densities(
         soft=rng.uniform(0.9, 1.1), lung_air=rng.uniform(0.52, 0.72), mediastinum=rng.uniform(0.12, 0.22),
         heart=rng.uniform(0.02, 0.08), spine=rng.uniform(0.08, 0.16), rib=rng.uniform(0.1, 0.18),
-        clavicle=rng.uniform(0.15, 0.25), vessel=rng.uniform(0.12, 0.25), hilum=rng.uniform(0.15, 0.3),
+        clavicle=rng.uniform(0.15, 0.25), vessel=rng.uniform(0.12, 0.25), hilum=rng.uniform(0.25, 0.4),
         liver=rng.uniform(0.05, 0.15), gas=rng.uniform(0.0, 0.35),
     )
 
@@ -398,8 +398,8 @@ def _diaphragm_y(lung: LungShape, off: np.ndarray) -> np.ndarray:
     lateral = (off - lung.dome_off) / (lung.cp_off - lung.dome_off)
     medial = (lung.dome_off - off) / (lung.dome_off - lung.medial_off)
     return np.where(off >= lung.dome_off,
-                    lung.dome_y + lung.cp_depth * np.clip(lateral, 0, None) ** 2.2,
-                    lung.dome_y + lung.medial_drop * np.clip(medial, 0, None) ** 2)
+                    lung.dome_y + lung.cp_depth * np.clip(lateral, 0, None) ** 1.8,
+                    lung.dome_y + lung.medial_drop * np.clip(medial, 0, None) ** 1.6)
 
 
 def heart_outline(heart: tuple[float, float, float, float, float]) -> np.ndarray:
