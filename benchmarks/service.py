@@ -1,11 +1,11 @@
 """Service throughput and latency on loopback, as ratios measured side by side in one run.
 
-Measures, in this order (the raw encoder twice, before and after, to bracket machine noise):
-  raw encoder images/s at batch B (no HTTP, same process settings),
-  /match images/s at saturation (C concurrent clients) with the batched configuration,
-  /match p50/p99 latency with 1 client (batched configuration),
-  /match images/s and latency with max_batch_size=1 under C clients.
-Each server is a separate `uvicorn service.main:create_app_from_env` process on 127.0.0.1.
+Phases, run round-robin (--rounds times, medians reported) so machine noise hits all alike:
+  raw encoder images/s at batch B (no HTTP, this process, same thread count),
+  /match images/s and p50/p99 latency at C concurrent clients, batched config (max_batch_size=B),
+  the same with max_batch_size=1, and both configs with a single client.
+Each configuration is its own `uvicorn service.main:create_app_from_env` process on 127.0.0.1;
+one request = one query image (PNG, decoded by the service) and one point, no index.
 
     .venv/bin/python benchmarks/service.py [--seconds 8] [--clients 16] [--encoder DIR]
 """
@@ -124,9 +124,11 @@ def batch_histogram(url: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", type=Path, help="encoder artifact (default: random vit_tiny at 224)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per phase")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="round-robin rounds over all phases")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched config")
     parser.add_argument("--threads", type=int, default=2)
@@ -142,26 +144,37 @@ def main() -> None:
 
 
 def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Both servers stay up (idle when not measured); phases run round-robin, medians reported."""
     image = query_png(args.image_side)
-    raw_before = raw_images_per_s(encoder, args.batch, args.seconds)
-    with Server(encoder_dir, args.threads, max_batch_size=args.batch, max_wait_ms=5) as server:
-        batched = asyncio.run(load(server.url, image, args.clients, args.seconds))
-        batched.update(batch_histogram(server.url))
-        single_client = asyncio.run(load(server.url, image, 1, args.seconds))
-    with Server(encoder_dir, args.threads, max_batch_size=1, max_wait_ms=0) as server:
-        unbatched = asyncio.run(load(server.url, image, args.clients, args.seconds))
-        unbatched_single = asyncio.run(load(server.url, image, 1, args.seconds))
-    raw_after = raw_images_per_s(encoder, args.batch, args.seconds)
-    raw = (raw_before + raw_after) / 2
+    samples: dict[str, list[dict[str, float]]] = {}
+    with Server(encoder_dir, args.threads, max_batch_size=args.batch, max_wait_ms=5) as batched, \
+            Server(encoder_dir, args.threads, max_batch_size=1, max_wait_ms=0) as single:
+        phases = {
+            "raw_encoder": lambda: {"images_per_s": raw_images_per_s(encoder, args.batch, args.seconds)},
+            "batched_clients": lambda: asyncio.run(load(batched.url, image, args.clients, args.seconds)),
+            "batch1_clients": lambda: asyncio.run(load(single.url, image, args.clients, args.seconds)),
+            "batched_one_client": lambda: asyncio.run(load(batched.url, image, 1, args.seconds)),
+            "batch1_one_client": lambda: asyncio.run(load(single.url, image, 1, args.seconds)),
+        }
+        for _ in range(args.rounds):
+            for name, phase in phases.items():
+                samples.setdefault(name, []).append(phase())
+        histogram = batch_histogram(batched.url)
+    result = {name: _median(runs) for name, runs in samples.items()}
     return {
         "encoder": f"{encoder.spec.backbone}@{encoder.spec.img_size}", "threads": args.threads,
-        "clients": args.clients, "image_side": args.image_side,
-        "raw_encoder_images_per_s": {"before": raw_before, "after": raw_after, "batch": args.batch},
-        "batched": {"clients": batched, "one_client": single_client},
-        "max_batch_size_1": {"clients": unbatched, "one_client": unbatched_single},
-        "ratio_service_to_raw": batched["images_per_s"] / raw,
-        "ratio_batched_to_unbatched": batched["images_per_s"] / unbatched["images_per_s"],
+        "clients": args.clients, "image_side": args.image_side, "batch": args.batch,
+        "rounds": args.rounds, "seconds_per_phase": args.seconds, "phases": result,
+        "batched_server_batches": histogram,
+        "ratio_service_to_raw": result["batched_clients"]["images_per_s"]
+        / result["raw_encoder"]["images_per_s"],
+        "ratio_batched_to_batch1": result["batched_clients"]["images_per_s"]
+        / result["batch1_clients"]["images_per_s"],
     }
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
 
 
 if __name__ == "__main__":
