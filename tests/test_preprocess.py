@@ -13,7 +13,14 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
-from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, load_image, prepare
+from ace_model.preprocess import (
+    CoordinateMap,
+    DecodedImage,
+    ImageDecodeError,
+    decode_image,
+    load_image,
+    prepare,
+)
 
 SIZES = st.sampled_from([(64, 4), (224, 14), (448, 14)])
 
@@ -40,6 +47,11 @@ def chest_cr_path() -> str:
 @pytest.fixture
 def chest_cr(chest_cr_path: str) -> pydicom.Dataset:
     return pydicom.dcmread(chest_cr_path)
+
+
+@pytest.fixture(scope="module")
+def chest_cr_decoded(chest_cr_path: str) -> DecodedImage:
+    return load_image(chest_cr_path)
 
 
 # --- coordinates -----------------------------------------------------------------------------
@@ -143,8 +155,8 @@ def expected_cr_grey(ds: pydicom.Dataset) -> np.ndarray:
     return 1 - linear if ds.PhotometricInterpretation == "MONOCHROME1" else linear
 
 
-def test_real_chest_cr_dicom(chest_cr_path: str, chest_cr: pydicom.Dataset) -> None:
-    decoded = load_image(chest_cr_path)
+def test_real_chest_cr_dicom(chest_cr_decoded: DecodedImage, chest_cr: pydicom.Dataset) -> None:
+    decoded = chest_cr_decoded
     assert decoded.format == "dicom" and (decoded.height, decoded.width) == (1955, 1841)
     assert decoded.patient_id == str(chest_cr.PatientID)
     assert np.array_equal(decoded.pixels[..., 0], decoded.pixels[..., 2])
@@ -153,8 +165,8 @@ def test_real_chest_cr_dicom(chest_cr_path: str, chest_cr: pydicom.Dataset) -> N
     assert centre < decoded.pixels[-150:, :, 0].mean()  # abdomen/diaphragm below is brighter
 
 
-def test_monochrome1_is_inverted(chest_cr_path: str, chest_cr: pydicom.Dataset) -> None:
-    original = load_image(chest_cr_path).pixels
+def test_monochrome1_is_inverted(chest_cr_decoded: DecodedImage, chest_cr: pydicom.Dataset) -> None:
+    original = chest_cr_decoded.pixels
     chest_cr.PhotometricInterpretation = "MONOCHROME2"
     flipped = decode_image(dicom_bytes(chest_cr)).pixels
     np.testing.assert_allclose(flipped, 1 - original, atol=1e-6)
