@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
@@ -16,13 +17,15 @@ from training.cli import build_parser
 from training.cmd_serve import export_environment, run_serve
 
 
-def test_options_become_ace_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ACE_ENCODER", "ACE_MAX_BATCH_SIZE", "ACE_INDEX_ROOT", "ACE_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    args = build_parser().parse_args(["serve", "--encoder", "enc", "--max-batch-size", "4"])
-    export_environment(args)
-    assert os.environ["ACE_ENCODER"] == "enc" and os.environ["ACE_MAX_BATCH_SIZE"] == "4"
-    assert "ACE_INDEX_ROOT" not in os.environ and "ACE_API_KEY" not in os.environ
+def test_options_become_ace_environment_variables() -> None:
+    unset = {name: "" for name in ("ACE_ENCODER", "ACE_MAX_BATCH_SIZE", "ACE_INDEX_ROOT", "ACE_API_KEY")}
+    with mock.patch.dict(os.environ, unset):  # restores the whole environment afterwards
+        for name in unset:
+            del os.environ[name]
+        args = build_parser().parse_args(["serve", "--encoder", "enc", "--max-batch-size", "4"])
+        export_environment(args)
+        assert os.environ["ACE_ENCODER"] == "enc" and os.environ["ACE_MAX_BATCH_SIZE"] == "4"
+        assert "ACE_INDEX_ROOT" not in os.environ and "ACE_API_KEY" not in os.environ
 
 
 def test_serve_without_an_encoder_explains_itself(monkeypatch: pytest.MonkeyPatch,
