@@ -138,7 +138,7 @@ def _guarded(command: Any) -> Any:
 # Parsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _register_train(subparsers)
     export = subparsers.add_parser("export", help="turn a training checkpoint into an encoder artifact")
     export.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (latest)")
@@ -152,7 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.set_defaults(func=_guarded(cmd_init_encoder))
 
 
-def _register_train(subparsers: argparse._SubParsersAction) -> None:
+def _register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "train", help="pretrain an ACE encoder (single process, or under torchrun for DDP)",
         description="Pretrain ACE. Under `torchrun --nproc_per_node=N` every process runs this.",

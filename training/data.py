@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +124,8 @@ def load_grey(path: Path, short_side: int) -> np.ndarray:
     if scale >= 1.0:
         return grey.astype(np.float32)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.BICUBIC))
+    image = Image.fromarray(grey.astype(np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.BICUBIC))
 
 
 def random_resized_box(
@@ -152,7 +154,7 @@ def _central_box(height: int, width: int) -> tuple[float, float, float, float]:
 def resize_box(grey: np.ndarray, box: tuple[float, float, float, float], side: int) -> np.ndarray:
     """Bicubic resample of `box` of `grey` to (side, side), clipped to [0, 1]."""
     image = Image.fromarray(grey.astype(np.float32), mode="F")
-    return np.clip(np.asarray(image.resize((side, side), Image.BICUBIC, box=box)), 0.0, 1.0)
+    return np.clip(np.asarray(image.resize((side, side), Image.Resampling.BICUBIC, box=box)), 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ class ACEDataset(Dataset[ACESample]):
     def base_image(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """Random-resized-crop of image `index` to the (base_px, base_px) grey base image."""
         grey = self.grey(index)
-        box = random_resized_box(rng, *grey.shape, self.geometry.base_scale)
+        height, width = grey.shape
+        box = random_resized_box(rng, height, width, self.geometry.base_scale)
         return resize_box(grey, box, self.geometry.base_px)
 
     def grey(self, index: int) -> np.ndarray:
@@ -290,7 +293,7 @@ class ACEDataset(Dataset[ACESample]):
                            f"starting at {self.paths[index]}")
 
 
-class EpochSampler(DistributedSampler):
+class EpochSampler(DistributedSampler[tuple[int, int]]):
     """Shuffled, rank-sharded `(epoch, index)` keys; `set_epoch` per epoch, `start` to resume.
 
     Every epoch is `samples_per_rank` keys per rank (whole permutations chained when an epoch is
@@ -298,7 +301,7 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(
-        self, dataset: Dataset, samples_per_rank: int, num_replicas: int, rank: int, seed: int
+        self, dataset: Dataset[Any], samples_per_rank: int, num_replicas: int, rank: int, seed: int
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)
@@ -314,7 +317,7 @@ class EpochSampler(DistributedSampler):
             order += torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
         return order[self.rank : needed : self.num_replicas]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         for index in self.epoch_indices()[self.start :]:
             yield self.epoch, index
 

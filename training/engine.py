@@ -282,7 +282,7 @@ def train_step(run: Run, batch: ACEBatch) -> dict[str, float]:
     return {name: float(value.detach()) for name, value in out.items()}
 
 
-def make_loader(run: Run, images: Sequence[Path]) -> tuple[DataLoader, EpochSampler]:
+def make_loader(run: Run, images: Sequence[Path]) -> tuple[DataLoader[Any], EpochSampler]:
     cfg = run.config
     dataset = ACEDataset(images, cfg.geometry, seed=cfg.train.seed, augment=Photometric())
     sampler = EpochSampler(dataset, run.plan.steps_per_epoch * cfg.train.batch_size,
@@ -359,7 +359,7 @@ def log_step(run: Run, record: dict[str, Any], bar: tqdm) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached),
