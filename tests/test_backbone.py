@@ -44,7 +44,7 @@ def test_output_is_a_square_grid_of_final_tokens(backbone: Backbone) -> None:
     images = torch.randn(2, 3, backbone.img_size, backbone.img_size)
     with torch.no_grad():
         grid = backbone(images)
-        features = backbone.model.forward_features(images)
+        features = backbone.model.forward_features(images)  # type: ignore[operator]
     assert grid.shape == (2, h, w, backbone.dim)
     if features.ndim == 3:  # ViT: prefix tokens dropped, the rest reshaped row-major
         torch.testing.assert_close(grid.reshape(2, h * w, -1), features[:, backbone.num_prefix_tokens :])

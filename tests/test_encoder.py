@@ -96,7 +96,7 @@ def test_fingerprint_is_stable_and_content_addressed(encoder: Encoder, saved: Pa
     other = Encoder(SPEC)
     with torch.no_grad():
         other.backbone.load_state_dict(encoder.backbone.state_dict())
-        other.backbone.model.cls_token.add_(1e-3)
+        other.backbone.model.cls_token.add_(1e-3)  # type: ignore[operator]
     assert other.save(tmp_path / "changed") != encoder.fingerprint
 
 

@@ -54,7 +54,9 @@ def inside(rects: np.ndarray, outer: np.ndarray) -> np.ndarray:
     )
 
 
-def expected_target(rows: np.ndarray, cols: np.ndarray, row_kept: np.ndarray, unit: float, radius: int):
+def expected_target(
+    rows: np.ndarray, cols: np.ndarray, row_kept: np.ndarray, unit: float, radius: int
+) -> np.ndarray:
     """exp(-d^2/2) between rectangle centres in `unit` pixels, on the (2r+1)^2 window, kept rows."""
     du = (rows[:, :2].mean(1)[:, None] - cols[:, :2].mean(1)[None, :]) / unit  # (R, C)
     dv = (rows[:, 2:].mean(1)[:, None] - cols[:, 2:].mean(1)[None, :]) / unit
@@ -102,7 +104,9 @@ def check_pair(geo: GeometryConfig, pair: ViewPair, base: np.ndarray) -> None:
     check_mask_consistency(n, mask_l, mask_s, t_dec, t_comp)
 
 
-def check_peaks(target: np.ndarray, row_mask: np.ndarray, row_rects: np.ndarray, col_rects: np.ndarray):
+def check_peaks(
+    target: np.ndarray, row_mask: np.ndarray, row_rects: np.ndarray, col_rects: np.ndarray
+) -> None:
     """One peak (value 1) per kept row, linking two identical pixel rectangles; other rows zero."""
     peaks = target == 1.0
     np.testing.assert_array_equal(peaks.sum(1), row_mask.astype(int))
@@ -111,7 +115,9 @@ def check_peaks(target: np.ndarray, row_mask: np.ndarray, row_rects: np.ndarray,
     np.testing.assert_array_equal(row_rects[rows], col_rects[cols])
 
 
-def check_mask_consistency(n, mask_l, mask_s, t_dec, t_comp) -> None:
+def check_mask_consistency(
+    n: int, mask_l: np.ndarray, mask_s: np.ndarray, t_dec: np.ndarray, t_comp: np.ndarray
+) -> None:
     """Spec 2.4: upsampled M_L = fine positions matched by M_S; pooled M_S = coarse matched by M_L."""
     upsampled_l = np.kron(mask_l.reshape(n, n), np.ones((2, 2), dtype=bool)).ravel()
     np.testing.assert_array_equal(upsampled_l, (t_dec == 1.0).any(0))
@@ -209,7 +215,7 @@ def test_check_geometry_rejects_bad_grids(grid: int, n: int, message: str) -> No
 @pytest.mark.parametrize("field", ["cell", "n"])
 def test_geometry_config_rejects_non_positive_sizes(field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        GeometryConfig(**{field: 0})
+        GeometryConfig(**{field: 0})  # type: ignore[arg-type]
 
 
 def test_view_size_must_match_backbone_input() -> None:
