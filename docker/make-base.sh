@@ -43,5 +43,5 @@ podman import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["/bin/bash"]' \
-    "$tarball" "$tag" >/dev/null
+    --quiet "$tarball" "$tag" >/dev/null
 echo "make-base: imported $tag ($(podman image inspect --format '{{.Size}}' "$tag") bytes)"

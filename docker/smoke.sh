@@ -16,6 +16,7 @@
 #
 # Env: ACE_SMOKE_CACHE   kept between runs: base rootfs tarball and wheels (/var/cache/ace-smoke)
 #      ACE_SMOKE_KEEP=1  keep the built image (its tag is printed)
+#      ACE_SMOKE_IMAGE   test this already built image instead of building one (not removed)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -38,9 +39,12 @@ cleanup() {
         podman rm -f -t 5 "$id" >/dev/null
     done
     for id in "${volumes[@]}"; do podman volume rm -f "$id" >/dev/null; done
-    if [[ "${ACE_SMOKE_KEEP:-0}" == 1 ]]; then log "kept image $image_tag"; else
-        for id in "${images[@]}"; do podman rmi -f "$id" >/dev/null 2>&1; done
+    local keep=""
+    if [[ "${ACE_SMOKE_KEEP:-0}" == 1 ]]; then
+        keep="$(podman image inspect --format '{{.Id}}' "$image_tag" 2>/dev/null)"
+        log "kept image $image_tag"
     fi
+    for id in "${images[@]}"; do [[ "$id" == "$keep" ]] || podman rmi -f "$id" >/dev/null 2>&1; done
     if ((linked_wheels)); then find docker/wheels -mindepth 1 ! -name README.md -delete; fi
     rm -rf "$work"
     if ((status == 0)); then log "PASSED"; else log "FAILED (exit $status)"; fi
@@ -77,7 +81,7 @@ EOF
     log "podman $(podman version --format '{{.Client.Version}}'), runtime runc, nofile=$nofile"
 }
 
-snapshot_images() { podman images -a -q --no-trunc | sort -u; }
+snapshot_images() { podman images -a -q --no-trunc | sed 's/^sha256://' | sort -u; }
 
 build_base() {
     ACE_BASE_CACHE="$cache" docker/make-base.sh "$base_tag"
@@ -86,11 +90,20 @@ build_base() {
 
 prepare_wheels() {
     [[ -f docker/wheels/requirements.txt ]] && die "docker/wheels already holds a wheelhouse; remove it first"
-    mkdir -p "$cache/wheels"
-    docker/make-wheelhouse.sh "$cache/wheels"
+    local key
+    key="$(sha256sum pyproject.toml | cut -c1-16)"
+    if [[ -f "$cache/wheels/requirements.txt" && "$(cat "$cache/wheels/.pyproject" 2>/dev/null)" == "$key" ]]; then
+        log "reusing the wheelhouse in $cache/wheels (pyproject.toml unchanged)"
+    else
+        rm -rf "$cache/wheels"
+        mkdir -p "$cache/wheels"
+        docker/make-wheelhouse.sh "$cache/wheels"
+        echo "$key" >"$cache/wheels/.pyproject"
+    fi
     linked_wheels=1
     # hard links into the build context: no copy of several GB when on the same file system
     cp -al "$cache/wheels/." docker/wheels/ 2>/dev/null || cp -a "$cache/wheels/." docker/wheels/
+    rm -f docker/wheels/.pyproject
 }
 
 build_image() {
@@ -98,12 +111,13 @@ build_image() {
     before="$(snapshot_images)"
     started=$(date +%s)
     log "building $image_tag (docker/Dockerfile, BASE_IMAGE=$base_tag, --network none)"
+    local status=0
     podman build --format docker --network none -f docker/Dockerfile \
-        --build-arg BASE_IMAGE="$base_tag" -t "$image_tag" . >"$work/build.log" 2>&1 \
-        || { tail -n 40 "$work/build.log" >&2; die "image build failed"; }
+        --build-arg BASE_IMAGE="$base_tag" -t "$image_tag" . >"$work/build.log" 2>&1 || status=$?
     build_s=$(($(date +%s) - started))
-    # the image and the builder stage's intermediate images, by id
+    # the image and the builder stage's intermediate images, by id (also after a failed build)
     mapfile -t -O "${#images[@]}" images < <(comm -13 <(echo "$before") <(snapshot_images))
+    ((status == 0)) || { tail -n 40 "$work/build.log" >&2; die "image build failed"; }
     image_bytes="$(podman image inspect --format '{{.Size}}' "$image_tag")"
     log "built in ${build_s} s; image size $((image_bytes / 1000000)) MB"
     if [[ -n "${ACE_SMOKE_REPORT:-}" ]]; then
@@ -115,7 +129,7 @@ build_image() {
 
 job() {  # run one `ace` command in the image against the shared volume, no network
     log "job: ace $*"
-    podman run --rm --network none -v "$volume:/data" "$image_tag" "$@" >>"$work/jobs.log" 2>&1 \
+    podman run --rm --network none --health-cmd none -v "$volume:/data" "$image_tag" "$@" >>"$work/jobs.log" 2>&1 \
         || { tail -n 30 "$work/jobs.log" >&2; die "job 'ace $*' failed"; }
 }
 
@@ -124,9 +138,9 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 start_api() {
     port="$(free_port)"
     url="http://127.0.0.1:$port"
-    # host network: no bridge or firewall rules needed; the free port keeps it off other services
-    api="$(podman run -d --network host -v "$volume:/data" -e ACE_PORT="$port" \
-        -e ACE_POLL_INTERVAL_S=1 -e ACE_THREADS=2 "$image_tag")"
+    # the image's default command and settings, published on a free loopback port
+    api="$(podman run -d -p "127.0.0.1:$port:8000" -v "$volume:/data" \
+        -e ACE_POLL_INTERVAL_S=1 -e ACE_THREADS=2 "$image_tag" 2>>"$work/podman.log")"
     containers+=("$api")
     log "api container ${api:0:12} on $url"
 }
@@ -155,9 +169,14 @@ main() {
     local started=$SECONDS
     ensure_tools
     configure_podman
-    build_base
-    prepare_wheels
-    build_image
+    if [[ -n "${ACE_SMOKE_IMAGE:-}" ]]; then
+        image_tag="$ACE_SMOKE_IMAGE" build_s=0
+        image_bytes="$(podman image inspect --format '{{.Size}}' "$image_tag")" || die "no image $image_tag"
+    else
+        build_base
+        prepare_wheels
+        build_image
+    fi
     volume="$(podman volume create "ace-smoke-$run_id")"
     volumes+=("$volume")
     volume_dir="$(podman volume inspect --format '{{.Mountpoint}}' "$volume")"
@@ -170,4 +189,4 @@ main() {
     log "all checks passed in $((SECONDS - started)) s (image build ${build_s} s, $((image_bytes / 1000000)) MB)"
 }
 
-main "$@"
+main "$@"; exit  # one line: bash has read it all, so editing this file mid-run is safe

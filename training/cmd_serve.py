@@ -18,7 +18,7 @@ from pathlib import Path
 APP = "service.main:create_app_from_env"
 DEFAULT_HOME = "var/ace"
 PRETRAINED = Path("artifacts/ace-cpu-phantoms")  # used instead of demo training when present
-DEMO_STEPS = 60  # a few minutes of CPU training: enough for a visibly better-than-random encoder
+DEMO_STEPS = 40  # a few minutes on 2 idle CPU cores (~3-5 s per step of the cpu preset)
 
 ENV_OPTIONS = {  # argparse dest -> environment variable read by service.config.Settings
     "encoder": "ACE_ENCODER", "index": "ACE_INDEX_ROOT", "device": "ACE_DEVICE",
