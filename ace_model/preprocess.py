@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
@@ -131,12 +132,30 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         raise ImageDecodeError(
             "multiframe", f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported"
         )
-    if "PixelData" not in ds:
-        raise ImageDecodeError("corrupt", "the DICOM file has no pixel data")
+    if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
+        raise ImageDecodeError("corrupt", "the DICOM file has no pixel data (or no Rows/Columns)")
     _check_size(int(ds.Rows), int(ds.Columns), max_pixels)
+    _check_decoder(ds)
     pixels = _dicom_pixels(ds)
     patient = str(ds.get("PatientID", "") or "") or None
     return DecodedImage(pixels, "dicom", patient)
+
+
+def _check_decoder(ds: pydicom.Dataset) -> None:
+    """A compressed transfer syntax whose codec is not installed is unsupported, not corrupt."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None or not uid.is_compressed:
+        return
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as err:
+        raise ImageDecodeError("unsupported", f"DICOM transfer syntax {uid.name} cannot be decoded") from err
+    if not decoder.is_available:
+        raise ImageDecodeError(
+            "unsupported",
+            f"DICOM transfer syntax {uid.name} needs a decoder that is not installed: "
+            f"{'; '.join(decoder.missing_dependencies)}. Re-export the image uncompressed or as PNG.",
+        )
 
 
 def _dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:

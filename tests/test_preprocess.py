@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.pixels.decoders.base import get_decoder
 
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
 from ace_model.preprocess import (
@@ -200,6 +201,17 @@ def test_multiframe_tiff_is_refused() -> None:
     with pytest.raises(ImageDecodeError) as info:
         decode_image(buffer.getvalue())
     assert info.value.kind == "multiframe"
+
+
+def test_dicom_needing_a_missing_codec_is_unsupported_not_corrupt() -> None:
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))  # JPEG Lossless, common for CR/DX
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    if decoder.is_available:
+        assert load_image(str(get_testdata_file("JPEG-LL.dcm"))).format == "dicom"
+        return
+    with pytest.raises(ImageDecodeError, match="needs a decoder that is not installed") as info:
+        load_image(str(get_testdata_file("JPEG-LL.dcm")))
+    assert info.value.kind == "unsupported"
 
 
 def test_truncated_dicom_is_corrupt(chest_cr_path: str) -> None:
