@@ -100,7 +100,8 @@ class IndexParams:
     kind: str = "auto"  # auto | flat | ivfpq | hnsw
     flat_max_patches: int = 1_000_000  # auto picks flat up to this many patches, ivfpq beyond
     nlist: int = 0  # IVF lists; 0 = 4 * sqrt(num_patches) clipped to [16, 65536]
-    pq_bytes: int = 48  # PQ code bytes per patch (8-bit sub-quantisers; rounded to a divisor of D)
+    pq_bytes: int = 48  # PQ code bytes per patch (sub-quantiser count rounded to a divisor of D)
+    pq_bits: int = 8  # bits per sub-quantiser code: 8, or 4 (twice the sub-quantisers, fast to train)
     nprobe: int = 32  # default IVF lists visited per query
     rerank: int = 10  # ivfpq: re-rank k * rerank PQ candidates exactly from the grid store
     hnsw_m: int = 32  # HNSW neighbours per node
@@ -112,6 +113,8 @@ class IndexParams:
     def __post_init__(self) -> None:
         if self.kind not in INDEX_TYPES:
             raise ValueError(f"unknown index type {self.kind!r}; choose one of {INDEX_TYPES}")
+        if self.pq_bits not in (4, 8):
+            raise ValueError(f"pq_bits must be 4 or 8, got {self.pq_bits}")
 
 
 @dataclass(frozen=True)
@@ -336,9 +339,10 @@ def _nlist(params: IndexParams, num_patches: int) -> int:
     return int(np.clip(4 * math.sqrt(max(num_patches, 1)), 16, 65536))
 
 
-def _pq_m(dim: int, pq_bytes: int) -> int:
-    """Largest divisor of dim not above pq_bytes (one byte per sub-quantiser)."""
-    return max(m for m in range(1, min(dim, pq_bytes) + 1) if dim % m == 0)
+def _pq_m(dim: int, params: IndexParams) -> int:
+    """Sub-quantisers: the largest divisor of dim whose codes fit in pq_bytes."""
+    most = params.pq_bytes * 8 // params.pq_bits
+    return max(m for m in range(1, min(dim, most) + 1) if dim % m == 0)
 
 
 def _factory_string(kind: str, dim: int, num_patches: int, params: IndexParams) -> str:
@@ -346,7 +350,7 @@ def _factory_string(kind: str, dim: int, num_patches: int, params: IndexParams) 
         return "IDMap2,Flat"
     if kind == "hnsw":
         return f"IDMap2,HNSW{params.hnsw_m},Flat"
-    return f"IVF{_nlist(params, num_patches)},PQ{_pq_m(dim, params.pq_bytes)}"
+    return f"IVF{_nlist(params, num_patches)},PQ{_pq_m(dim, params)}x{params.pq_bits}"
 
 
 def _new_index(kind: str, dim: int, num_patches: int, params: IndexParams) -> faiss.Index:
@@ -354,6 +358,8 @@ def _new_index(kind: str, dim: int, num_patches: int, params: IndexParams) -> fa
                                 faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efConstruction = params.ef_construction  # type: ignore[attr-defined]
+    if kind == "ivfpq":  # the factory turns on polysemous training: minutes for Hamming codes we never use
+        faiss.downcast_index(index).do_polysemous_training = False  # type: ignore[attr-defined]
     return index
 
 
@@ -520,6 +526,7 @@ def extend_version(root: str | Path, segments: Sequence[Segment], base: str | No
     base_dir = version_dir(root, base)
     manifest = _read_manifest(base_dir)
     _check_encoder(manifest, encoder_fingerprint, base_dir)
+    _check_additions(base_dir, manifest, segments)
     version, timings = new_version_name(), {}
     configure_faiss()
     with _staging(root, version) as work:
@@ -535,6 +542,18 @@ def extend_version(root: str | Path, segments: Sequence[Segment], base: str | No
         faiss.write_index(index, str(work / FAISS_FILE))
         _finish_derived(work, manifest, version, base, manifest["segments"] + new_meta, timings, build_config)
     return version
+
+
+def _check_additions(base_dir: Path, manifest: dict[str, Any], segments: Sequence[Segment]) -> None:
+    existing = {r.image_id for r in _read_records(base_dir / DB_FILE)}
+    duplicates = sorted(existing.intersection(r.image_id for s in segments for r in s.records))
+    if duplicates:
+        raise ValueError(f"duplicate image id: already in the index: {', '.join(duplicates[:10])}; "
+                         "remove them first (`ace index remove`) to replace them")
+    low = min((s.first for s in segments), default=manifest["next_image_index"])
+    if low < manifest["next_image_index"]:
+        raise ValueError(f"new segments start at image index {low}, but the base version uses "
+                         f"indexes up to {manifest['next_image_index'] - 1}")
 
 
 def _finish_derived(work: Path, manifest: dict[str, Any], version: str, base: str,
