@@ -36,7 +36,7 @@ cleanup() {
     set +e
     for id in "${containers[@]}"; do
         if ((status != 0)); then log "logs of $id:"; podman logs --tail 60 "$id" >&2; fi
-        podman rm -f -t 5 "$id" >/dev/null
+        podman rm -f -v -t 5 "$id" >/dev/null
     done
     for id in "${volumes[@]}"; do podman volume rm -f "$id" >/dev/null; done
     local keep=""
