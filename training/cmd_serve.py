@@ -9,7 +9,6 @@ the bundled demo data, a short demo training run exported as an encoder, and a p
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
@@ -93,7 +92,7 @@ def prepare_demo_home(home: Path, steps: int) -> tuple[Path, Path]:
     if not (encoder_dir / "encoder.json").is_file():
         _demo_encoder(data["phantoms"], home, encoder_dir, steps)
     if not (index_root / "CURRENT").is_file():
-        _demo_index(encoder_dir, index_root, [data["phantoms"], data["samples"]])
+        _demo_index(encoder_dir, index_root, data["phantoms"], data["samples"])
     _step(f"ready: encoder {encoder_dir}, index {index_root}")
     return encoder_dir, index_root
 
@@ -118,65 +117,12 @@ def _has_run(home: Path) -> bool:
     return engine.latest_checkpoint(home / "runs" / "demo") is not None
 
 
-def _demo_index(encoder_dir: Path, index_root: Path, sources: list[Path]) -> None:
-    _step(f"indexing {', '.join(map(str, sources))} into {index_root}")
-    try:
-        from training.build_index import build_index
-    except ModuleNotFoundError as err:
-        if err.name != "training.build_index":
-            raise
-        _index_demo_images(encoder_dir, index_root, _demo_images(sources))
-        return
-    build_index(encoder_dir, sources, index_root)
+def _demo_index(encoder_dir: Path, index_root: Path, phantoms: Path, samples: Path) -> None:
+    from training.build_index import build_index
 
-
-def _demo_images(sources: list[Path]) -> list[tuple[str, str | None, Path]]:
-    """(image id, patient id, path) of every row of each source's metadata.csv."""
-    images = []
-    for source in sources:
-        with (source / "metadata.csv").open(newline="") as table:
-            for row in csv.DictReader(table):
-                images.append((row["image_id"], row.get("patient_id") or None, source / row["image"]))
-    return images
-
-
-def _index_demo_images(encoder_dir: Path, index_root: Path, images: list[tuple[str, str | None, Path]]
-                       ) -> None:
-    """A small in-process index build (one segment, exact search) for the demo home."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from ace_model.encoder import load_encoder
-    from ace_model.index import ImageRecord, Segment, create_version, publish
-    from ace_model.preprocess import load_image, prepare
-
-    encoder, work = load_encoder(encoder_dir), index_root / ".demo-work"
-    (work / "thumbnails").mkdir(parents=True, exist_ok=True)
-    records, grids = [], []
-    for position, (image_id, patient, path) in enumerate(tqdm(images, desc="embedding", unit="image")):
-        decoded = load_image(path)
-        tensor, coords = prepare(decoded, encoder.spec.img_size, encoder.grid)
-        with torch.inference_mode():
-            grids.append(encoder(tensor[None]).patches[0].numpy().astype(np.float16))
-        records.append(ImageRecord(image_id, patient, str(path), decoded.width, decoded.height, coords,
-                                   position))
-        _thumbnail(decoded.pixels, work / "thumbnails" / f"{position}.png")
-    np.save(work / "grid.npy", np.stack(grids))
-    segment = Segment(work / "grid.npy", 0, tuple(records), work / "thumbnails")
-    version = create_version(index_root, [segment], encoder.fingerprint,
-                             build_config={"source": "ace serve --demo", "images": len(records)})
-    publish(index_root, version)
-    shutil.rmtree(work)
-
-
-def _thumbnail(pixels: object, path: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
-    image = Image.fromarray((np.clip(np.asarray(pixels), 0, 1) * 255).astype(np.uint8))
-    image.thumbnail((512, 512))
-    image.save(path)
+    _step(f"indexing {phantoms} and {samples} into {index_root}")
+    # samples/ is a plain folder: its metadata.csv names the images and their patients
+    build_index(encoder_dir, [phantoms, samples], index_root, metadata=samples / "metadata.csv")
 
 
 def _step(message: str) -> None:

@@ -60,17 +60,19 @@ def test_ace_serve_answers_on_loopback(encoder_dir: Path) -> None:
         process.wait(timeout=30)
 
 
-def test_demo_indexing_publishes_a_version_with_thumbnails(tmp_path: Path, encoder_dir: Path) -> None:
+def test_demo_index_covers_phantoms_and_samples(tmp_path: Path, encoder_dir: Path) -> None:
     from ace_model.index import PatchIndex
     from tests.service.conftest import block_texture, png_bytes
-    from training.cmd_serve import _demo_images, _index_demo_images
+    from training.cmd_serve import _demo_index
 
-    source = tmp_path / "data"
-    (source / "images").mkdir(parents=True)
-    for name in ("a", "b"):
-        (source / "images" / f"{name}.png").write_bytes(png_bytes(block_texture(ord(name), 90, 70)))
-    (source / "metadata.csv").write_text("image,image_id,patient_id\nimages/a.png,a,P1\nimages/b.png,b,\n")
-    _index_demo_images(encoder_dir, tmp_path / "index", _demo_images([source]))
+    phantoms, samples = tmp_path / "phantoms", tmp_path / "samples"
+    (phantoms / "images").mkdir(parents=True)
+    samples.mkdir()
+    (phantoms / "images" / "p0.png").write_bytes(png_bytes(block_texture(1, 90, 70)))
+    (phantoms / "metadata.csv").write_text("image,image_id,patient_id\nimages/p0.png,phantom_0,S0\n")
+    (samples / "real.png").write_bytes(png_bytes(block_texture(2, 80, 80)))
+    (samples / "metadata.csv").write_text("image,image_id,patient_id\nreal.png,sample_real,P9\n")
+    _demo_index(encoder_dir, tmp_path / "index", phantoms, samples)
     with PatchIndex.open(tmp_path / "index") as index:
-        assert index.num_images == 2 and index.record("a").patient_id == "P1"
-        assert index.record("b").patient_id is None and index.thumbnail_path("b") is not None
+        assert sorted(index.image_ids()) == ["phantom_0", "sample_real"]
+        assert index.record("sample_real").patient_id == "P9"
