@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-def _compose_config(*files: Path, profiles: tuple[str, ...] = ()) -> dict:
+def _compose_config(*files: Path, profiles: tuple[str, ...] = ()) -> dict[str, Any]:
     command = _compose_command()
     if command is None:
         pytest.skip("no compose validator: neither the docker compose plugin nor docker-compose "
