@@ -14,6 +14,7 @@ from ace_model.encoder import Encoder, EncoderSpec
 from ace_model.preprocess import DecodedImage
 from training.cli import main
 from training.evaluate import (
+    IdentityMethod,
     NCCMethod,
     choose_pairs,
     image_diagonal,
@@ -135,6 +136,12 @@ def test_ncc_finds_a_shifted_copy_in_original_pixels() -> None:
     assert errors.max() < 2.0  # one model pixel is 2 original pixels here
 
 
+def test_identity_baseline_keeps_the_relative_position() -> None:
+    same = IdentityMethod()
+    same.fit([grey(np.zeros((50, 100), np.float32)), grey(np.zeros((100, 300), np.float32))])
+    np.testing.assert_allclose(same.locate(0, 1, np.array([[50.0, 25.0]])), [[150.0, 50.0]])
+
+
 def test_warp_moves_a_point_where_map_points_says() -> None:
     height, width = 80, 100
     ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres in our convention
@@ -175,15 +182,16 @@ def test_ace_eval_end_to_end_writes_the_report(tmp_path: Path, tiny_artifact: Pa
     out = tmp_path / "report"
     code = main(["eval", "--encoder", str(tiny_artifact), "--encoder-b", str(tiny_artifact),
                  "--name-b", "ablation", "--refine-ablation", "--random-baseline",
-                 "--ncc", "--ncc-template", "9",
+                 "--ncc", "--ncc-template", "9", "--identity-baseline",
                  "--data", str(tmp_path / "data"), "--crop-group", "4", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    methods = ["ace", "ablation", "ace (no sub-patch)", "random-init", "ncc"]
+    methods = ["ace", "ablation", "ace (no sub-patch)", "random-init", "ncc", "same-position"]
     assert [m["name"] for m in report["methods"]] == methods
     assert report["n_images"] == 4 and report["n_pairs"] == 12
     assert list(report["landmarks"]) == methods
     assert list(report["landmarks"]["ncc"]["per_landmark"]) == list(LANDMARKS)
+    assert report["landmarks"]["same-position"]["overall"]["mean_px"] < 10  # landmarks move 1-2 px
     assert report["landmarks"]["ace"]["overall"]["n"] == 12 * len(LANDMARKS)
     assert report["landmarks"]["ace"] == report["landmarks"]["ablation"]  # same weights
     assert "mutual" in report["landmarks"]["ace"] and "mutual" not in report["landmarks"]["ncc"]

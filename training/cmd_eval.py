@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--refine-ablation", action="store_true",
                         help="add --encoder without sub-patch refinement (integer patch peak)")
     parser.add_argument("--ncc", action="store_true", help="add NCC template matching")
+    parser.add_argument("--identity-baseline", action="store_true",
+                        help="add the same relative position in the target (no matching at all)")
     parser.add_argument("--ncc-template", type=int, default=33,
                         help="NCC template side in model pixels (default 33)")
     parser.add_argument("--real", action="store_true",
@@ -59,7 +61,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(
         data=args.data, encoders=tuple((name, Path(path)) for name, path in artifacts if path),
         random_baseline=args.random_baseline, refine_ablation=args.refine_ablation,
-        ncc=args.ncc, real=args.real, max_images=args.max_images, max_pairs=args.max_pairs,
+        ncc=args.ncc, identity_baseline=args.identity_baseline, real=args.real,
+        max_images=args.max_images, max_pairs=args.max_pairs,
         crop_group=args.crop_group, ncc_template=args.ncc_template,
         real_transforms=args.real_transforms, seed=args.seed, batch_size=args.batch_size)
 

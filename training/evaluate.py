@@ -166,6 +166,21 @@ class NCCMethod:
         return self.coords[target].from_grid(peak + (query_xy - centres))
 
 
+@dataclass
+class IdentityMethod:
+    """Predicts the query point at the same relative position (x / width, y / height) of the target:
+    what any method must beat when the images are roughly aligned, as radiographs are."""
+
+    name: str = "same-position"
+    sizes: list[tuple[int, int]] = field(init=False, repr=False)  # (width, height) per image
+
+    def fit(self, images: Sequence[DecodedImage]) -> None:
+        self.sizes = [(image.width, image.height) for image in images]
+
+    def locate(self, query: int, target: int, xy: np.ndarray) -> np.ndarray:
+        return np.asarray(xy, float) / self.sizes[query] * self.sizes[target]
+
+
 def random_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:
     """The same architecture as `spec` with timm's random initialisation (seeded)."""
     torch.manual_seed(seed)
@@ -393,6 +408,7 @@ class EvalOptions:
     data: Path  # landmark data set directory
     encoders: tuple[tuple[str, Path], ...]  # (method name, artifact dir); the first sets the size
     random_baseline: bool = False  # add the first encoder's architecture at random initialisation
+    identity_baseline: bool = False  # add "same relative position" as a floor every method must beat
     ncc: bool = False  # add NCC template matching
     real: bool = False  # add the real-image warp protocol
     max_images: int | None = None  # use only the first N images (sorted by path)
@@ -428,6 +444,8 @@ def build_methods(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
     methods: list[Method] = list(encoder_methods)
     if options.ncc:
         methods.append(NCCMethod(encoders[0][1].spec.img_size, options.ncc_template))
+    if options.identity_baseline:
+        methods.append(IdentityMethod())
     return methods, encoder_methods
 
 
@@ -440,6 +458,8 @@ def describe(method: Method) -> dict[str, Any]:
     if isinstance(method, NCCMethod):
         return {"name": method.name, "kind": "ncc", "img_size": method.size,
                 "template_px": method.template_px}
+    if isinstance(method, IdentityMethod):
+        return {"name": method.name, "kind": "same relative position"}
     return {"name": method.name, "kind": type(method).__name__}
 
 
