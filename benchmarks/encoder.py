@@ -1,11 +1,13 @@
 """Encoder throughput and ACE training-step time, measured interleaved in one process.
 
-    nice .venv/bin/python benchmarks/encoder.py [--rounds 5] [--threads 2] [--device auto]
+    nice .venv/bin/python benchmarks/encoder.py [--rounds 5] [--threads 1,2] [--device auto]
 
 Encoder: the `cpu` preset's inference encoder (random weights) at batch 1, 8 and 32, visited
 round-robin so that machine noise hits every batch size alike; ratios are against batch 1.
 Training: one full ACE step (forward of student and teacher, backward, AdamW, EMA update) of the
-`tiny` and `cpu` presets at their configured batch sizes, also round-robin.
+`tiny` and `cpu` presets at their configured batch sizes, also round-robin. `--threads 1,2` adds
+the intra-op thread count to the interleaved variants (on a shared, oversubscribed machine one
+thread can beat two by a wide margin).
 Prints markdown tables; figures and the command go to benchmarks/encoder.md.
 """
 
@@ -27,6 +29,7 @@ from ace_model.encoder import Encoder, EncoderSpec
 from ace_model.geometry import composition_target, cut_views, decomposition_target, overlap_masks, sample_pair
 from ace_model.method import ACE, ACEBatch
 
+Variant = tuple[int, str]  # (threads, batch size or preset name)
 ENCODER_BATCHES = (1, 8, 32)
 IMAGES_PER_SAMPLE = 32  # each encoder measurement embeds this many images, whatever the batch size
 TRAIN_PRESETS = ("tiny", "cpu")
@@ -84,11 +87,24 @@ def train_runner(name: str, device: torch.device) -> Callable[[], None]:
     return run
 
 
-def round_robin(runners: dict[str, Callable[[], None]], rounds: int, label: str) -> dict[str, list[float]]:
+def with_threads(threads: int, run: Callable[[], None]) -> Callable[[], None]:
+    """Run with `threads` intra-op threads (0 = leave torch's setting alone)."""
+
+    def run_with_threads() -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        run()
+
+    return run_with_threads
+
+
+def round_robin(
+    runners: dict[Variant, Callable[[], None]], rounds: int, label: str
+) -> dict[Variant, list[float]]:
     """Seconds per call of every runner, visited in turn each round after one warm-up call."""
     for run in runners.values():
         run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times: dict[Variant, list[float]] = {name: [] for name in runners}
     for _ in tqdm(range(rounds), desc=label, unit="round"):
         for name, run in runners.items():
             start = time.perf_counter()
@@ -97,32 +113,47 @@ def round_robin(runners: dict[str, Callable[[], None]], rounds: int, label: str)
     return times
 
 
-def encoder_table(rounds: int, device: torch.device) -> str:
+def encoder_table(rounds: int, device: torch.device, thread_counts: list[int]) -> str:
     spec = EncoderSpec(preset("cpu").model.backbone, preset("cpu").model.img_size)
     encoder = Encoder(spec).to(device)
-    runners = {str(b): encoder_runner(encoder, b, device) for b in ENCODER_BATCHES}
+    runners = {(t, str(b)): with_threads(t, encoder_runner(encoder, b, device))
+               for t in thread_counts for b in ENCODER_BATCHES}
     times = round_robin(runners, rounds, "encoder")
-    rows = ["| batch | median s / 32 images | images/s | vs batch 1 | spread (max/min) |",
-            "|---|---|---|---|---|"]
-    base = statistics.median(times["1"])
-    for name, samples in times.items():
+    rows = ["| threads | batch | median s / 32 images | images/s | vs batch 1 | vs first thread count | "
+            "spread (max/min) |", "|---|---|---|---|---|---|---|"]
+    for (threads, batch), samples in times.items():
         median = statistics.median(samples)
-        rows.append(f"| {name} | {median:.3f} | {IMAGES_PER_SAMPLE / median:.1f} | "
-                    f"{base / median:.2f}x | {max(samples) / min(samples):.2f} |")
+        vs_batch = statistics.median(times[(threads, "1")]) / median
+        vs_threads = statistics.median(times[(thread_counts[0], batch)]) / median
+        rows.append(f"| {threads or 'default'} | {batch} | {median:.3f} | {IMAGES_PER_SAMPLE / median:.1f} | "
+                    f"{vs_batch:.2f}x | {vs_threads:.2f}x | {max(samples) / min(samples):.2f} |")
     return f"Encoder `{spec.backbone}` at {spec.img_size} px (cpu preset), fp32 eager\n\n" + "\n".join(rows)
 
 
-def train_table(rounds: int, device: torch.device) -> str:
-    runners = {name: train_runner(name, device) for name in TRAIN_PRESETS}
+def train_table(rounds: int, device: torch.device, thread_counts: list[int]) -> str:
+    runners = {(t, name): with_threads(t, train_runner(name, device))
+               for t in thread_counts for name in TRAIN_PRESETS}
     times = round_robin(runners, rounds, "train step")
-    rows = ["| preset | backbone @ px | batch (pairs) | median s / step | pairs/s | spread (max/min) |",
-            "|---|---|---|---|---|---|"]
-    for name, samples in times.items():
+    rows = ["| threads | preset | backbone @ px | batch (pairs) | median s / step | pairs/s | "
+            "vs first thread count | spread (max/min) |", "|---|---|---|---|---|---|---|---|"]
+    for (threads, name), samples in times.items():
         config, median = preset(name), statistics.median(samples)
-        rows.append(f"| {name} | {config.model.backbone} @ {config.model.img_size} | "
-                    f"{config.train.batch_size} | {median:.3f} | {config.train.batch_size / median:.2f} | "
-                    f"{max(samples) / min(samples):.2f} |")
+        vs_threads = statistics.median(times[(thread_counts[0], name)]) / median
+        model = f"{config.model.backbone} @ {config.model.img_size}"
+        pairs = config.train.batch_size
+        rows.append(f"| {threads or 'default'} | {name} | {model} | {pairs} | {median:.3f} | "
+                    f"{pairs / median:.2f} | {vs_threads:.2f}x | {max(samples) / min(samples):.2f} |")
     return "ACE training step (student+teacher forward, backward, AdamW, EMA), fp32\n\n" + "\n".join(rows)
+
+
+def parse_threads(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise SystemExit(f"--threads takes comma-separated integers such as 1,2; got {text!r}") from err
+    if not counts or any(c < 0 for c in counts):
+        raise SystemExit(f"--threads needs non-negative counts; got {text!r}")
+    return counts
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,15 +176,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds per table")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    parser.add_argument("--threads", default="0",
+                        help="comma-separated intra-op thread counts to interleave, e.g. 1,2 (0 = default)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:i]")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = parse_threads(args.threads)
     device = resolve_device(args.device)
     print(f"machine: {machine_line()}, device {device}\n")
-    print(encoder_table(args.rounds, device) + "\n")
-    print(train_table(args.rounds, device) + "\n")
+    print(encoder_table(args.rounds, device, thread_counts) + "\n")
+    print(train_table(args.rounds, device, thread_counts) + "\n")
     print(f"after: {machine_line()}")
 
 
