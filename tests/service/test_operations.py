@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from service.config import Settings
 from tests.service.conftest import block_texture, build_index, png_bytes, running_server
@@ -146,3 +147,16 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_worker_with_autocast_matches_cpu_locations(settings_for: Callable[..., Settings]) -> None:
+    answers = {}
+    for device in ("cpu", "cuda"):
+        with running_server(settings_for(device=device)) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/info").json()["batching"]["device"].startswith(device)
+            answers[device] = match(client, targets=(OTHER,)).json()["results"]
+    for cpu, gpu in zip(answers["cpu"], answers["cuda"], strict=True):
+        assert abs(cpu["correspondences"][0]["x"] - gpu["correspondences"][0]["x"]) <= 20  # half a patch
