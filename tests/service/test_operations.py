@@ -160,3 +160,12 @@ def test_cuda_worker_with_autocast_matches_cpu_locations(settings_for: Callable[
             answers[device] = match(client, targets=(OTHER,)).json()["results"]
     for cpu, gpu in zip(answers["cpu"], answers["cuda"], strict=True):
         assert abs(cpu["correspondences"][0]["x"] - gpu["correspondences"][0]["x"]) <= 20  # half a patch
+
+
+def test_cors_allows_only_configured_origins(settings_for: Callable[..., Settings]) -> None:
+    allowed = "http://viewer.example"
+    with running_server(settings_for(cors_origins=[allowed])) as url, httpx.Client(base_url=url) as client:
+        for origin, expected in ((allowed, allowed), ("http://evil.example", None)):
+            preflight = client.options("/match", headers={"Origin": origin,
+                                                          "Access-Control-Request-Method": "POST"})
+            assert preflight.headers.get("access-control-allow-origin") == expected
