@@ -50,6 +50,8 @@ cleanup() {
     if ((status == 0)); then log "PASSED"; else log "FAILED (exit $status)"; fi
 }
 trap cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 
 ensure_tools() {
     local missing=()
@@ -91,9 +93,11 @@ build_base() {
 prepare_wheels() {
     [[ -f docker/wheels/requirements.txt ]] && die "docker/wheels already holds a wheelhouse; remove it first"
     local key
-    key="$(sha256sum pyproject.toml | cut -c1-16)"
+    # keyed by the runtime dependencies only: dev extras and tool settings do not reach the image
+    key="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"])' \
+        | sha256sum | cut -c1-16)"
     if [[ -f "$cache/wheels/requirements.txt" && "$(cat "$cache/wheels/.pyproject" 2>/dev/null)" == "$key" ]]; then
-        log "reusing the wheelhouse in $cache/wheels (pyproject.toml unchanged)"
+        log "reusing the wheelhouse in $cache/wheels (same dependencies in pyproject.toml)"
     else
         rm -rf "$cache/wheels"
         mkdir -p "$cache/wheels"
