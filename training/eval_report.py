@@ -63,10 +63,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def method_section(methods: Sequence[dict[str, Any]]) -> list[str]:
-    rows = [[m["name"], m["kind"], m.get("backbone", "-"), m.get("img_size", "-"),
-             m.get("fingerprint", f"template {m.get('template_px', '-')} px")] for m in methods]
+    rows = [[m["name"], m["kind"], m.get("backbone", "-"), m.get("img_size", "-"), method_setting(m)]
+            for m in methods]
     return ["## Methods", "", *table(("method", "kind", "backbone", "input px", "fingerprint / setting"),
                                      rows), ""]
+
+
+def method_setting(method: dict[str, Any]) -> str:
+    if "fingerprint" in method:
+        return str(method["fingerprint"])
+    return f"template {method['template_px']} px" if "template_px" in method else "-"
 
 
 def landmark_section(landmarks: dict[str, Any]) -> list[str]:
