@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ace_model.encoder import Encoder, EncoderSpec
+from ace_model.encoder import Encoder, EncoderSpec, load_encoder
 from ace_model.preprocess import DecodedImage
 from training.cli import main
 from training.evaluate import (
+    EncoderMethod,
     IdentityMethod,
     NCCMethod,
     choose_pairs,
@@ -134,6 +135,16 @@ def test_ncc_finds_a_shifted_copy_in_original_pixels() -> None:
     points = np.array([[40.5, 40.5], [80.5, 60.5]])
     errors = radial_errors(ncc.locate(0, 1, points), points + np.array([-10.0, 6.0]))
     assert errors.max() < 2.0  # one model pixel is 2 original pixels here
+
+
+@pytest.mark.slow
+def test_encoder_method_maps_an_identical_image_back_within_a_patch(tiny_artifact: Path) -> None:
+    image = grey(texture(48, 96, seed=2))  # letterboxed: 64 px model side, 1.5 original px per model px
+    method = EncoderMethod("tiny", load_encoder(tiny_artifact))
+    method.fit([image, image])
+    points = np.array([[12.0, 20.0], [50.5, 24.5], [90.0, 30.0]])
+    errors = radial_errors(method.locate(0, 1, points), points)
+    assert errors.max() < 16 * 1.5  # one 16-px patch in original pixels
 
 
 def test_identity_baseline_keeps_the_relative_position() -> None:
