@@ -16,7 +16,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check ace_model training service tests benchmarks
 	$(BIN)/mypy ace_model service
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
