@@ -734,8 +734,11 @@ class PatchIndex:
 
     def search(self, queries: np.ndarray, k: int, image_ids: Iterable[str] | None = None,
                patient_ids: Iterable[str] | None = None, exclude_image_ids: Iterable[str] = (),
-               nprobe: int | None = None) -> list[list[PatchHit]]:
+               nprobe: int | None = None, rerank: int | None = None) -> list[list[PatchHit]]:
         """Top-k patches for each query (Q, D), best first.
+
+        nprobe (IVF lists probed) and rerank (ivfpq: k * rerank candidates re-scored exactly)
+        override the version's defaults for this call only.
 
         image_ids / patient_ids restrict the search (both given: their union); an unknown image id
         raises KeyError, an unknown patient id matches nothing. exclude_image_ids ignores unknown ids.
@@ -747,7 +750,7 @@ class PatchIndex:
             allowed = np.setdiff1d(allowed, excluded)
             if int(self._table.valid[allowed].sum()) <= EXACT_RESTRICT_MAX_PATCHES:
                 return self._hits(*self._exact_over(allowed, queries, k))
-        return self._hits(*self._faiss_search(queries, k, allowed, excluded, nprobe))
+        return self._hits(*self._faiss_search(queries, k, allowed, excluded, nprobe, rerank))
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
@@ -799,10 +802,11 @@ class PatchIndex:
         return _top_k(scores, np.broadcast_to(ids, scores.shape), k)
 
     def _faiss_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, excluded: np.ndarray,
-                      nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+                      nprobe: int | None, rerank_factor: int | None) -> tuple[np.ndarray, np.ndarray]:
         selector, drop = self._selector(allowed, excluded)
         rerank = self.kind == "ivfpq"
-        fetch = k * int(self.manifest["index"]["params"]["rerank"]) if rerank else k
+        factor = rerank_factor or int(self.manifest["index"]["params"]["rerank"])
+        fetch = k * factor if rerank else k
         fetch += len(drop)
         params = self._search_params(selector, nprobe)
         scores, ids = self._index.search(queries, min(fetch, max(self.num_patches, 1)), params=params)

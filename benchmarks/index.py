@@ -99,15 +99,17 @@ def recall(truth: list[list[ix.PatchHit]], found: list[list[ix.PatchHit]]) -> fl
     return hits / sum(len(t) for t in truth)
 
 
-Variant = tuple[ix.PatchIndex, dict[str, int]]  # an index and per-call search arguments
+Variant = tuple[ix.PatchIndex, dict[str, int]]  # an index and per-call search arguments (nprobe, rerank)
 
 
 def variants_of(indexes: dict[str, ix.PatchIndex]) -> dict[str, Variant]:
     out: dict[str, Variant] = {}
     for kind, index in indexes.items():
-        probes = [8, 16, 64] if kind == "ivfpq" else [0]
-        for nprobe in probes:
-            out[f"{kind} nprobe={nprobe}" if nprobe else kind] = (index, {"nprobe": nprobe} if nprobe else {})
+        if kind != "ivfpq":
+            out[kind] = (index, {})
+            continue
+        for nprobe, rerank in [(16, 10), (16, 50), (64, 50), (64, 100)]:
+            out[f"ivfpq nprobe={nprobe} rerank={rerank}"] = (index, {"nprobe": nprobe, "rerank": rerank})
     return out
 
 
