@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
+	bash tests/browser/ensure_chromium.sh
 	$(BIN)/ruff check ace_model training service tests benchmarks
 	$(BIN)/mypy ace_model service
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 ACE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
