@@ -103,7 +103,7 @@ class IndexParams:
     pq_bytes: int = 48  # PQ code bytes per patch (sub-quantiser count rounded to a divisor of D)
     pq_bits: int = 8  # bits per sub-quantiser code: 8, or 4 (twice the sub-quantisers, fast to train)
     nprobe: int = 32  # default IVF lists visited per query
-    rerank: int = 10  # ivfpq: re-rank k * rerank PQ candidates exactly from the grid store
+    rerank: int = 50  # ivfpq: re-rank k * rerank PQ candidates exactly (benchmarks/index.md: 10 is too few)
     hnsw_m: int = 32  # HNSW neighbours per node
     ef_construction: int = 80  # HNSW build breadth
     ef_search: int = 128  # default HNSW search breadth
