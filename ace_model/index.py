@@ -101,6 +101,7 @@ class IndexParams:
     flat_max_patches: int = 1_000_000  # auto picks flat up to this many patches, ivfpq beyond
     nlist: int = 0  # IVF lists; 0 = 4 * sqrt(num_patches) clipped to [16, 65536]
     pq_bytes: int = 48  # PQ code bytes per patch (sub-quantiser count rounded to a divisor of D)
+    opq: bool = False  # ivfpq: learn a rotation (OPQ) before PQ, for lower quantisation error
     pq_bits: int = 8  # bits per sub-quantiser code: 8, or 4 (twice the sub-quantisers, fast to train)
     nprobe: int = 32  # default IVF lists visited per query
     rerank: int = 50  # ivfpq: re-rank k * rerank PQ candidates exactly (benchmarks/index.md: 10 is too few)
@@ -350,7 +351,9 @@ def _factory_string(kind: str, dim: int, num_patches: int, params: IndexParams) 
         return "IDMap2,Flat"
     if kind == "hnsw":
         return f"IDMap2,HNSW{params.hnsw_m},Flat"
-    return f"IVF{_nlist(params, num_patches)},PQ{_pq_m(dim, params)}x{params.pq_bits}"
+    m = _pq_m(dim, params)
+    rotation = f"OPQ{m}," if params.opq else ""
+    return f"{rotation}IVF{_nlist(params, num_patches)},PQ{m}x{params.pq_bits}"
 
 
 def _new_index(kind: str, dim: int, num_patches: int, params: IndexParams) -> faiss.Index:
@@ -359,7 +362,8 @@ def _new_index(kind: str, dim: int, num_patches: int, params: IndexParams) -> fa
     if kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efConstruction = params.ef_construction  # type: ignore[attr-defined]
     if kind == "ivfpq":  # the factory turns on polysemous training: minutes for Hamming codes we never use
-        faiss.downcast_index(index).do_polysemous_training = False  # type: ignore[attr-defined]
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.do_polysemous_training = False  # type: ignore[attr-defined]
     return index
 
 

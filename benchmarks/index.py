@@ -87,10 +87,10 @@ def write_corpus(work: Path, base: np.ndarray, records: list[ix.ImageRecord], pa
     return segments
 
 
-def params_for(kind: str, patches: int) -> ix.IndexParams:
+def params_for(kind: str, patches: int, opq: bool = False) -> ix.IndexParams:
     nlist = int(2 ** round(np.log2(np.sqrt(patches))))  # ~1k lists at 1M, 2k at 5M
     return ix.IndexParams(kind=kind, nlist=nlist, pq_bytes=48, nprobe=16, rerank=10, train_size=100_000,
-                          hnsw_m=32, ef_search=64)
+                          hnsw_m=32, ef_search=64, opq=opq)
 
 
 def recall(truth: list[list[ix.PatchHit]], found: list[list[ix.PatchHit]]) -> float:
@@ -124,12 +124,12 @@ def interleaved_qps(variants: dict[str, Variant], queries: list[np.ndarray], rou
 
 
 def bench_size(work: Path, base: np.ndarray, records: list[ix.ImageRecord], queries: list[np.ndarray],
-               patches: int, kinds: list[str], sigma: float, rounds: int) -> None:
+               patches: int, kinds: list[str], sigma: float, rounds: int, opq: bool = False) -> None:
     segments = write_corpus(work / "corpus", base, records, patches, sigma)
     indexes, build_s = {}, {}
     for kind in ["flat", *[k for k in kinds if k != "flat"]]:
         start = time.perf_counter()
-        version = ix.create_version(work / kind, segments, "bench", params_for(kind, patches))
+        version = ix.create_version(work / kind, segments, "bench", params_for(kind, patches, opq))
         build_s[kind] = time.perf_counter() - start
         indexes[kind] = ix.PatchIndex.open(work / kind, version)
         print(f"built {kind} over {indexes[kind].num_patches} patches in {build_s[kind]:.0f} s", flush=True)
@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--base-images", type=int, default=96, help="phantom images embedded as the base")
     parser.add_argument("--sigma", type=float, default=0.02, help="per-dimension jitter of virtual images")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--opq", action="store_true", help="IVF-PQ with an OPQ rotation")
     parser.add_argument("--e2e-images", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
@@ -189,7 +190,8 @@ def main() -> None:
     rng = np.random.default_rng(1)
     queries = [jittered(g.reshape(-1, encoder.dim), rng, args.sigma) for g in held_out]
     for size in args.sizes:
-        bench_size(work / f"n{size}", base, records, queries, size, args.types, args.sigma, args.rounds)
+        bench_size(work / f"n{size}", base, records, queries, size, args.types, args.sigma, args.rounds,
+                   args.opq)
         shutil.rmtree(work / f"n{size}", ignore_errors=True)
     if args.e2e_images:
         bench_e2e(work, encoder_dir, encoder, args.e2e_images, rounds=2)
