@@ -67,14 +67,32 @@ def _reject_constant(name: str) -> float:
 def _is_numbers(row: object, width: int) -> bool:
     if not isinstance(row, list) or len(row) != width:
         return False
-    return all(isinstance(v, int | float) and not isinstance(v, bool) and _finite(v) for v in row)
+    return all(is_coordinate(v) for v in row)
 
 
-def _finite(value: float) -> bool:
+def is_coordinate(value: object) -> bool:
+    """A finite JSON number (not a bool, not an integer beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
     try:
         return math.isfinite(float(value))
-    except OverflowError:  # an integer beyond float range
+    except OverflowError:
         return False
+
+
+def parse_image_ids(text: str | None, max_ids: int) -> list[str]:
+    """The `image_ids` form field: a JSON array of strings, duplicates dropped, order kept."""
+    if text is None:
+        return []
+    try:
+        ids = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')
+    if len(ids) > max_ids:
+        raise invalid(f"{len(ids)} image_ids given; at most {max_ids} per request")
+    return list(dict.fromkeys(ids))
 
 
 def check_inside(shapes: QueryShapes, coords: CoordinateMap) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -17,7 +16,15 @@ from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, 
 from service.batcher import Embedded, QueueFullError
 from service.config import Settings
 from service.errors import ApiError, from_decode_error, invalid
-from service.queries import QuerySet, QueryShapes, check_inside, embed_queries, locate_queries, parse_shapes
+from service.queries import (
+    QuerySet,
+    QueryShapes,
+    check_inside,
+    embed_queries,
+    locate_queries,
+    parse_image_ids,
+    parse_shapes,
+)
 from service.schemas import Correspondence, ErrorResponse, Match, MatchResponse, PointResult, Timing
 from service.state import AppState, app_state
 
@@ -80,21 +87,7 @@ def _check_request(settings: Settings, k: int, n_targets: int, image_ids: str | 
         raise invalid(f"k must be between 1 and {settings.max_k}; got {k}")
     if n_targets > settings.max_targets:
         raise invalid(f"{n_targets} targets uploaded; at most {settings.max_targets} per request")
-    return _parse_ids(image_ids, settings.max_image_ids)
-
-
-def _parse_ids(text: str | None, max_ids: int) -> list[str]:
-    if text is None:
-        return []
-    try:
-        ids = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')
-    if len(ids) > max_ids:
-        raise invalid(f"{len(ids)} image_ids given; at most {max_ids} per request")
-    return list(dict.fromkeys(ids))  # drop duplicates, keep order
+    return parse_image_ids(image_ids, settings.max_image_ids)
 
 
 def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -37,7 +36,7 @@ from ace_model.preprocess import (
 )
 from service.batcher import QueueFullError
 from service.errors import ApiError, from_decode_error, invalid
-from service.queries import QueryShapes, check_inside, embed_queries
+from service.queries import QueryShapes, check_inside, embed_queries, is_coordinate, parse_image_ids
 from service.schemas import ErrorResponse
 from service.state import AppState, app_state
 
@@ -206,7 +205,7 @@ async def heatmap(
 ) -> HeatmapResponse:
     state = app_state(request)
     shapes = QueryShapes(np.array([_parse_point(point)], dtype=np.float64), None)
-    ids = _parse_ids(image_ids, state.settings.max_image_ids)
+    ids = parse_image_ids(image_ids, state.settings.max_image_ids)
     if len(targets or []) > state.settings.max_targets:
         raise invalid(f"{len(targets or [])} targets uploaded; at most {state.settings.max_targets}")
     query = await _decode(image, "image", state)
@@ -247,32 +246,9 @@ def _parse_point(text: str) -> tuple[float, float]:
         value = json.loads(text)
     except (ValueError, RecursionError) as err:
         raise invalid(f"{message} ({err})") from err
-    if not isinstance(value, list) or len(value) != 2 or not all(_is_coordinate(v) for v in value):
+    if not isinstance(value, list) or len(value) != 2 or not all(is_coordinate(v) for v in value):
         raise invalid(message)
     return float(value[0]), float(value[1])
-
-
-def _is_coordinate(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer beyond float range
-        return False
-
-
-def _parse_ids(text: str | None, max_ids: int) -> list[str]:
-    if text is None:
-        return []
-    try:
-        ids = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise invalid(f'`image_ids` is not valid JSON ({err}); expected e.g. ["img-001"]') from err
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise invalid('`image_ids` must be a JSON array of strings, e.g. ["img-001"]')
-    if len(ids) > max_ids:
-        raise invalid(f"{len(ids)} image_ids given; at most {max_ids} per request")
-    return list(dict.fromkeys(ids))
 
 
 def _indexed_target(index: PatchIndex | None, image_id: str) -> _Target:
