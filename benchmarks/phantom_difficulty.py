@@ -16,23 +16,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from skimage.feature import match_template
 
-from training.phantoms import LANDMARK_NAMES, Phantom, PhantomConfig, generate_phantom
-
-
-def template_errors(source: Phantom, target: Phantom, half: int = 16) -> np.ndarray:
-    """(14,) radial error in pixels of locating each landmark of `source` in `target`."""
-    errors = []
-    for name in LANDMARK_NAMES:
-        x, y = (int(v) for v in source.landmarks[name])
-        padded = np.pad(source.image, half, mode="edge")  # landmarks may sit near the border
-        patch = padded[y:y + 2 * half, x:x + 2 * half].astype(np.float32)
-        response = match_template(target.image.astype(np.float32), patch, pad_input=True)
-        row, col = np.unravel_index(np.argmax(response), response.shape)
-        tx, ty = target.landmarks[name]
-        errors.append(np.hypot(col + 0.5 - tx, row + 0.5 - ty))
-    return np.asarray(errors)
+from training.phantoms import (
+    LANDMARK_NAMES,
+    Phantom,
+    PhantomConfig,
+    generate_phantom,
+    template_matching_errors,
+)
 
 
 def timed_phantoms(count: int, config: PhantomConfig, seed: int) -> tuple[list[Phantom], float]:
@@ -67,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     phantoms, cpu = timed_phantoms(args.subjects, PhantomConfig(size=args.size), args.seed)
     print(f"generation: {cpu * 1000:.0f} ms CPU per {args.size}px image (mean of {args.subjects})")
-    errors = np.stack([template_errors(a, b) for a, b in itertools.pairwise(phantoms)])
+    errors = np.stack([template_matching_errors(a, b) for a, b in itertools.pairwise(phantoms)])
     failed = errors > 0.05 * np.hypot(args.size, args.size)
     print(f"NCC 32x32 template matching: {failed.mean():.0%} of {failed.size} landmarks fail "
           f"(> 5% diagonal), median error {np.median(errors):.1f} px")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skimage.feature import match_template
 
 from training.cli import main as ace
 from training.landmarks import LandmarkFormatError, read_landmark_set
@@ -27,6 +26,7 @@ from training.phantoms import (
     shifted,
     subject_geometry,
     subject_rng,
+    template_matching_errors,
     warp,
 )
 
@@ -314,24 +314,11 @@ def test_demo_data_has_phantoms_and_real_samples(tmp_path: Path) -> None:
 # --- difficulty: naive template matching must fail often ---------------------------------------
 
 
-def template_errors(source: Phantom, target: Phantom, half: int = 16) -> np.ndarray:
-    """Radial error (pixels) of locating each landmark of `source` in `target` by NCC of a 32x32 patch."""
-    errors = []
-    for name in LANDMARK_NAMES:
-        x, y = (int(v) for v in source.landmarks[name])
-        padded = np.pad(source.image, half, mode="edge")  # landmarks may sit near the border
-        patch = padded[y:y + 2 * half, x:x + 2 * half].astype(np.float32)
-        response = match_template(target.image.astype(np.float32), patch, pad_input=True)
-        row, col = np.unravel_index(np.argmax(response), response.shape)
-        errors.append(np.hypot(col + 0.5 - target.landmarks[name][0], row + 0.5 - target.landmarks[name][1]))
-    return np.asarray(errors)
-
-
 @pytest.mark.slow
 def test_naive_template_matching_fails_often() -> None:
     config = PhantomConfig(size=512)
     subjects = [generate_phantom(s, seed=123, config=config) for s in range(8)]
-    errors = np.concatenate([template_errors(subjects[i], subjects[i + 1]) for i in range(7)])
+    errors = np.concatenate([template_matching_errors(subjects[i], subjects[i + 1]) for i in range(7)])
     failures = float(np.mean(errors > 0.05 * np.hypot(512, 512)))
     print(f"NCC 32x32 template matching: {failures:.0%} of {errors.size} landmarks beyond 5% of the diagonal")
     assert failures > 0.2

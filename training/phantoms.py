@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw
+from skimage.feature import match_template
 from tqdm import tqdm
 
 from training.landmarks import write_landmarks_csv, write_metadata_csv
@@ -777,3 +778,18 @@ def _prepare_out_dir(out: Path, force: bool) -> Path:
             stale.unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     return out
+
+
+def template_matching_errors(source: Phantom, target: Phantom, half: int = 16) -> np.ndarray:
+    """(14,) radial error in pixels of locating each landmark of `source` in `target` by NCC
+    of a (2*half)^2 patch: the naive baseline the phantoms are meant to defeat often."""
+    errors = []
+    for name in LANDMARK_NAMES:
+        x, y = (int(v) for v in source.landmarks[name])
+        padded = np.pad(source.image, half, mode="edge")  # landmarks may sit near the border
+        patch = padded[y : y + 2 * half, x : x + 2 * half].astype(np.float32)
+        response = match_template(target.image.astype(np.float32), patch, pad_input=True)
+        row, col = np.unravel_index(np.argmax(response), response.shape)
+        tx, ty = target.landmarks[name]
+        errors.append(np.hypot(col + 0.5 - tx, row + 0.5 - ty))
+    return np.asarray(errors)
