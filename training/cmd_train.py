@@ -23,17 +23,6 @@ TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def parse_value(text: str, default: Any) -> Any:
     """A command-line string typed like the config field's default."""
     if isinstance(default, bool):
@@ -48,13 +37,13 @@ def parse_value(text: str, default: Any) -> Any:
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("config overrides (--section.key=value; shown: the cpu preset)")
-    for key, value in flatten(preset("cpu").to_dict()).items():
+    for key, value in engine.flatten(preset("cpu").to_dict()).items():
         group.add_argument(f"--{key}", dest=OVERRIDE_PREFIX + key, default=argparse.SUPPRESS,
                            metavar=type(value).__name__.upper(), help=f"(cpu: {value})")
 
 
 def typed_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    defaults = flatten(preset("cpu").to_dict())
+    defaults = engine.flatten(preset("cpu").to_dict())
     overrides: dict[str, Any] = {}
     for dest, text in vars(args).items():
         if dest.startswith(OVERRIDE_PREFIX):
@@ -75,7 +64,7 @@ def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a JSON object")
     named = data.pop("preset", None)
-    return named, flatten(data)
+    return named, engine.flatten(data)
 
 
 def resolve_config(args: argparse.Namespace) -> ACEConfig:

@@ -439,8 +439,8 @@ def _normalised(data: Any) -> Any:
 
 def check_resumable(checkpoint: dict[str, Any], config: ACEConfig, plan: RunPlan) -> None:
     """Exact continuation needs the same config and plan; say what differs otherwise."""
-    saved = _flatten(_normalised(checkpoint["config"]))
-    current = _flatten(_normalised(config.to_dict()))
+    saved = flatten(_normalised(checkpoint["config"]))
+    current = flatten(_normalised(config.to_dict()))
     differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if differ:
         raise ValueError(f"cannot resume: the config differs from the checkpoint's in {differ}; "
@@ -451,11 +451,12 @@ def check_resumable(checkpoint: dict[str, Any], config: ACEConfig, plan: RunPlan
                          "(same --max-steps, data size and number of processes are required)")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
