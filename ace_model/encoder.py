@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,16 @@ class Encoder(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_FILE))
-        self.fingerprint = _fingerprint(out / WEIGHTS_FILE, self.spec)
+        weights, config = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
+        save_file(state, str(weights))
+        self.fingerprint = _fingerprint(weights, self.spec)
         meta = {"format": ARTIFACT_FORMAT, **asdict(self.spec), "fingerprint": self.fingerprint,
                 "grid": self.grid, "dim": self.dim}
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        config.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        # Replacing, not rewriting, means a reader (a running service) never sees a half-written
+        # file; between the two renames the fingerprint check makes it refuse the mixed pair.
+        os.replace(weights, out / WEIGHTS_FILE)
+        os.replace(config, out / CONFIG_FILE)
         return self.fingerprint
 
 

@@ -12,7 +12,9 @@
 #  5. jobs in the image: init-encoder, data phantoms, index build --publish  -> volume
 #  6. api container: /ready, healthcheck, non-root, a real POST /match checked for correctness
 #  7. index job again with new images -> the running api serves the new version (no restart)
-#  8. everything created here is removed by id (trap), also on failure
+#  8. train + export jobs (a retrained encoder), index job -> the running api serves the new
+#     encoder with its index (no restart) and /match is correct again
+#  9. everything created here is removed by id (trap), also on failure
 #
 # Env: ACE_SMOKE_CACHE   kept between runs: base rootfs tarball and wheels (/var/cache/ace-smoke)
 #      ACE_SMOKE_KEEP=1  keep the built image (its tag is printed)
@@ -169,6 +171,18 @@ refresh_index() {
     python3 docker/smoke_client.py match "$url" "$volume_dir/phantoms-new"
 }
 
+retrain_and_refresh() {
+    local old
+    old="$(python3 docker/smoke_client.py version "$url")"
+    job train --preset cpu --data /data/phantoms --out /data/runs/smoke --max-steps 2 \
+        --train.batch_size 4 --no-progress
+    job export --checkpoint /data/runs/smoke --out /data/encoder
+    job index build --encoder /data/encoder --images /data/phantoms --out /data/index --publish
+    python3 docker/smoke_client.py swapped "$url" "$old" 120
+    python3 docker/smoke_client.py encoder "$url" "$volume_dir/encoder/encoder.json"
+    python3 docker/smoke_client.py match "$url" "$volume_dir/phantoms"
+}
+
 main() {
     local started=$SECONDS
     ensure_tools
@@ -190,6 +204,7 @@ main() {
     start_api
     check_api
     refresh_index
+    retrain_and_refresh
     log "all checks passed in $((SECONDS - started)) s (image build ${build_s} s, $((image_bytes / 1000000)) MB)"
 }
 

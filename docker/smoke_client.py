@@ -5,6 +5,7 @@ runs with any host Python 3).
     smoke_client.py match   URL DATASET_DIR        POST /match with a phantom and its landmarks
     smoke_client.py version URL                    print the served index version
     smoke_client.py swapped URL OLD_VERSION TIMEOUT_S   wait until /info serves another version
+    smoke_client.py encoder URL ENCODER_JSON       /info and /match name the encoder exported there
 """
 
 from __future__ import annotations
@@ -154,6 +155,17 @@ def wait_swapped(url: str, old: str, timeout_s: float) -> None:
     fail(f"the api still serves {old} after {timeout_s:.0f} s")
 
 
+def serves_encoder(url: str, encoder_json: Path) -> None:
+    """After a retrain, the api must serve the exported encoder together with its new index."""
+    exported = json.loads(encoder_json.read_text())["fingerprint"]
+    status, info = get(f"{url}/info")
+    check(status == 200, f"/info answered {status}")
+    check(info["encoder"]["fingerprint"] == exported,
+          f"/info names encoder {info['encoder']['fingerprint']}, the exported one is {exported}")
+    version = info["index"]["version"]
+    print(f"smoke_client: the api serves the retrained encoder {exported} with index {version}")
+
+
 def main(argv: list[str]) -> None:
     command, url, *rest = argv
     if command == "ready":
@@ -164,6 +176,8 @@ def main(argv: list[str]) -> None:
         print(served_version(url) or "")
     elif command == "swapped":
         wait_swapped(url, rest[0], float(rest[1]))
+    elif command == "encoder":
+        serves_encoder(url, Path(rest[0]))
     else:
         fail(f"unknown command {command}")
 

@@ -1,10 +1,12 @@
-"""The inference worker: one thread owns the encoder and runs dynamic batches.
+"""The inference worker: one thread runs the encoders' forward passes in dynamic batches.
 
-Request handlers call `await batcher.embed(tensors)`; the images join a bounded queue and the
-worker thread takes up to `max_batch_size` of them, waiting at most `max_wait_ms` after the
-first one to fill a batch. Results come back through asyncio futures, so the forward pass never
-runs on the event loop. When the queue cannot take a request's images it is refused at once
-(`QueueFullError` -> 429) instead of queueing without bound.
+Request handlers call `await batcher.embed(tensors, encoder)` with the encoder of the generation
+they leased; the images join a bounded queue and the worker thread takes up to `max_batch_size`
+of them that share that encoder, waiting at most `max_wait_ms` after the first one to fill a
+batch (only around a generation swap do two encoders' images meet in the queue). Results come
+back through asyncio futures, so the forward pass never runs on the event loop. When the queue
+cannot take a request's images it is refused at once (`QueueFullError` -> 429) instead of
+queueing without bound.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Embedded:
 @dataclass
 class _Item:
     tensor: torch.Tensor  # (3, S, S) normalised model input
+    encoder: Encoder  # the leased generation's encoder, already on the device
     future: asyncio.Future[Embedded]
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
@@ -54,9 +57,8 @@ BatchObserver = Callable[[int, int], None]  # (batch size, queue depth after tak
 
 
 class Batcher:
-    def __init__(self, encoder: Encoder, config: BatcherConfig, observe: BatchObserver) -> None:
+    def __init__(self, config: BatcherConfig, observe: BatchObserver) -> None:
         self.config = config
-        self._encoder = encoder.to(config.device).eval()
         self._observe = observe
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
@@ -67,6 +69,13 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    def prepare(self, encoder: Encoder) -> Encoder:
+        """Move an encoder to the serving device and run one forward pass (CUDA kernels, caches)."""
+        encoder = encoder.to(self.config.device).eval()
+        size = encoder.spec.img_size
+        self.forward(torch.zeros(1, 3, size, size), encoder)
+        return encoder
+
     def start(self) -> None:
         self._thread.start()
 
@@ -76,10 +85,10 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
-    async def embed(self, tensors: list[torch.Tensor]) -> list[Embedded]:
+    async def embed(self, tensors: list[torch.Tensor], encoder: Encoder) -> list[Embedded]:
         """Embed the images together with whatever else is queued; QueueFullError when full."""
         loop = asyncio.get_running_loop()
-        items = [_Item(tensor, loop.create_future(), loop) for tensor in tensors]
+        items = [_Item(tensor, encoder, loop.create_future(), loop) for tensor in tensors]
         with self._cond:
             if self._stopping:
                 raise QueueFullError("the service is shutting down")
@@ -107,14 +116,20 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            take = min(len(self._queue), self.config.max_batch_size)
-            return [self._queue.popleft() for _ in range(take)]
+            return self._take_batch()
+
+    def _take_batch(self) -> list[_Item]:
+        encoder = self._queue[0].encoder
+        batch: list[_Item] = []
+        while self._queue and self._queue[0].encoder is encoder and len(batch) < self.config.max_batch_size:
+            batch.append(self._queue.popleft())
+        return batch
 
     def _process(self, batch: list[_Item]) -> None:
         self._observe(len(batch), len(self._queue))
         started = time.perf_counter()
         try:
-            patches = self.forward(torch.stack([item.tensor for item in batch]))
+            patches = self.forward(torch.stack([item.tensor for item in batch]), batch[0].encoder)
         except Exception as err:  # the worker must survive; each caller gets the error
             for item in batch:
                 _resolve(item, err)
@@ -125,10 +140,10 @@ class Batcher:
             _resolve(item, Embedded(grid, queue_ms, inference_ms))
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, h, w, D) float32 on the CPU. Call only from the worker (or warm-up)."""
+    def forward(self, images: torch.Tensor, encoder: Encoder) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, h, w, D) float32 on the CPU. Call from the worker (or `prepare`)."""
         with self._autocast():
-            out = self._encoder(images.to(self.config.device, non_blocking=True))
+            out = encoder(images.to(self.config.device, non_blocking=True))
         return out.patches.float().cpu()
 
     @contextlib.contextmanager

@@ -1,9 +1,10 @@
 """The FastAPI app factory.
 
-`create_app(settings)` builds an app; its lifespan loads the encoder, starts the inference
-worker, runs a warm-up forward pass, opens the published index and polls for new versions.
-Everything lives in `app.state.ace` (a `service.state.AppState`: settings, encoder, batcher,
-index holder, metrics) so that optional routers such as the viewer can reuse it.
+`create_app(settings)` builds an app; its lifespan starts the inference worker, loads and warms
+up the encoder, opens the published index and polls for new versions (a version built by a new
+encoder brings that encoder in with it: see service/generations.py). Everything lives in
+`app.state.ace` (a `service.state.AppState`: settings, batcher, served generation, metrics) so
+that optional routers such as the viewer can reuse it.
 uvicorn runs `service.main:create_app_from_env` with `factory=True` (settings from ACE_ env vars).
 """
 
@@ -14,16 +15,17 @@ import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import torch
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from ace_model.encoder import load_encoder
+from ace_model.encoder import Encoder, load_encoder
 from service.batcher import Batcher, BatcherConfig, resolve_device
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.index_holder import IndexHolder
+from service.generations import Generation, GenerationHolder
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.routes import admin, health, match, metrics
@@ -50,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
             if poller is not None:
                 poller.cancel()
             state.batcher.stop()
-            state.index.close()
+            state.served.close()
 
     app = FastAPI(title="ACE correspondence service", version="0.1.0", lifespan=lifespan,
                   description="Patch retrieval and cross-patient anatomical correspondence for chest X-rays.")
@@ -89,22 +91,27 @@ def _add_middleware(app: FastAPI, settings: Settings, app_metrics: Metrics) -> N
 def _start(settings: Settings, app_metrics: Metrics) -> AppState:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    encoder = load_encoder(settings.encoder)
     device = resolve_device(settings.device)
     config = BatcherConfig(settings.max_batch_size, settings.max_wait_ms, settings.queue_size,
                            device, settings.autocast)
-    batcher = Batcher(encoder, config, app_metrics.observe_batch)
+    batcher = Batcher(config, app_metrics.observe_batch)
     batcher.start()
-    holder = IndexHolder(settings.index_root, encoder.fingerprint)
-    result = holder.reload()
-    log.info("encoder %s (%s) on %s; index: %s", encoder.fingerprint, encoder.spec.backbone, device,
-             result.detail)
-    return AppState(settings, encoder, batcher, holder, app_metrics)
+
+    def load_ready(directory: Path, fingerprint: str | None = None) -> Encoder:
+        return batcher.prepare(load_encoder(directory, expected_fingerprint=fingerprint))
+
+    encoder = load_encoder(settings.encoder).to(device).eval()  # warmed up by the lifespan
+    served = GenerationHolder(Generation(encoder, None), settings.index_root, settings.encoder, load_ready)
+    result = served.reload()
+    log.info("encoder %s (%s) on %s; index: %s", served.current.encoder.fingerprint,
+             encoder.spec.backbone, device, result.detail)
+    return AppState(settings, batcher, served, app_metrics)
 
 
 async def _warm_up(state: AppState) -> None:
-    size = state.encoder.spec.img_size
-    await state.batcher.embed([torch.zeros(3, size, size)])
+    encoder = state.served.current.encoder
+    size = encoder.spec.img_size
+    await state.batcher.embed([torch.zeros(3, size, size)], encoder)
     state.warmed_up = True
 
 
@@ -112,9 +119,9 @@ async def _poll_index(state: AppState) -> None:
     while True:
         await asyncio.sleep(state.settings.poll_interval_s)
         try:
-            result = await asyncio.to_thread(state.index.reload)
+            result = await asyncio.to_thread(state.served.reload)
         except Exception:  # a broken version on disk must not stop the poller
-            log.exception("index poll failed; still serving %s", state.index.version)
+            log.exception("index poll failed; still serving %s", state.served.current.version)
             continue
         if result.status == "swapped":
             state.metrics.index_swaps.labels(result.status).inc()

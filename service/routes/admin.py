@@ -43,9 +43,9 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
              responses={401: {"model": ErrorResponse}, 404: {"model": ReloadResponse},
                         409: {"model": ReloadResponse}})
 async def reload(request: Request, force: bool = False) -> JSONResponse:
-    """Serve the index version the CURRENT pointer names (force: reopen even if unchanged)."""
+    """Serve the version CURRENT names, with its encoder (force: reopen even if unchanged)."""
     state = app_state(request)
-    result = await run_in_threadpool(state.index.reload, force)
+    result = await run_in_threadpool(state.served.reload, force)
     state.metrics.index_swaps.labels(result.status).inc()
     body = ReloadResponse(status=result.status, version=result.version, detail=result.detail)
     return JSONResponse(body.model_dump(), status_code=RELOAD_STATUS[result.status])

@@ -24,7 +24,7 @@ async def ready(request: Request) -> JSONResponse:
 
 
 def _readiness(state: AppState) -> Readiness:
-    index_loaded = state.index.current is not None
+    index_loaded = state.served.current.index is not None
     needs_index = state.settings.index_root is not None
     ready = state.warmed_up and (index_loaded or not needs_index)
     if not state.warmed_up:
@@ -51,13 +51,13 @@ async def info(request: Request) -> Info:
 
 
 def _encoder_info(state: AppState) -> EncoderInfo:
-    encoder = state.encoder
+    encoder = state.served.current.encoder
     return EncoderInfo(fingerprint=encoder.fingerprint, backbone=encoder.spec.backbone,
                        img_size=encoder.spec.img_size, grid=encoder.grid, dim=encoder.dim)
 
 
 def _index_info(state: AppState) -> IndexInfo | None:
-    index = state.index.current
+    index = state.served.current.index
     if index is None:
         return None
     return IndexInfo(version=index.version, num_images=index.num_images, num_patches=index.num_patches)

@@ -11,6 +11,7 @@ import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, prepare
 from service.batcher import Embedded, QueueFullError
@@ -66,19 +67,20 @@ async def match(
     target_files = targets or []
     ids = _check_request(state.settings, k, len(target_files), image_ids)
     shapes = parse_shapes(points, boxes, state.settings.max_points)
-    query = await _prepare_upload(image, "image", state)
-    check_inside(shapes, query.coords)
-    uploads = [await _prepare_upload(f, f"targets[{i}]", state) for i, f in enumerate(target_files)]
-    with state.index.lease() as index:
+    with state.served.lease() as generation:
+        query = await _prepare_upload(image, "image", state, generation.encoder)
+        check_inside(shapes, query.coords)
+        uploads = [await _prepare_upload(f, f"targets[{i}]", state, generation.encoder)
+                   for i, f in enumerate(target_files)]
+        index = generation.index
         _check_ids(index, ids)
-        embedded = await _embed(state, [query, *uploads])
+        embedded = await _embed(state, [query, *uploads], generation.encoder)
         search_started = time.perf_counter()
         results = await run_in_threadpool(
             _answer, shapes, query, embedded, uploads, index, ids, k
         )
         timing = _timing(embedded, started, search_started)
-        return MatchResponse(encoder=state.encoder.fingerprint,
-                             index_version=index.version if index else None,
+        return MatchResponse(encoder=generation.encoder.fingerprint, index_version=generation.version,
                              results=results, timing_ms=timing)
 
 
@@ -100,12 +102,11 @@ def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:
         raise invalid(f"unknown image id(s) {unknown[:5]} (index version {index.version})")
 
 
-async def _prepare_upload(upload: UploadFile, what: str, state: AppState) -> Prepared:
+async def _prepare_upload(upload: UploadFile, what: str, state: AppState, encoder: Encoder) -> Prepared:
     data = await upload.read()
-    spec = state.encoder.spec
     try:
         tensor, coords = await run_in_threadpool(
-            _decode_prepare, data, spec.img_size, state.encoder.grid, state.settings.max_pixels
+            _decode_prepare, data, encoder.spec.img_size, encoder.grid, state.settings.max_pixels
         )
     except ImageDecodeError as err:
         raise from_decode_error(err, what) from err
@@ -116,9 +117,9 @@ def _decode_prepare(data: bytes, size: int, grid: int, max_pixels: int) -> tuple
     return prepare(decode_image(data, max_pixels), size, grid)
 
 
-async def _embed(state: AppState, images: list[Prepared]) -> list[Embedded]:
+async def _embed(state: AppState, images: list[Prepared], encoder: Encoder) -> list[Embedded]:
     try:
-        return await state.batcher.embed([p.tensor for p in images])
+        return await state.batcher.embed([p.tensor for p in images], encoder)
     except QueueFullError as err:
         state.metrics.rejected.inc(len(images))
         raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err

@@ -19,7 +19,7 @@ async def metrics(request: Request) -> Response:
 
 
 def _refresh_gauges(state: AppState) -> None:
-    index = state.index.current
+    index = state.served.current.index
     state.metrics.queue_depth.set(state.batcher.depth)
     state.metrics.index_images.set(index.num_images if index else 0)
     state.metrics.index_patches.set(index.num_patches if index else 0)

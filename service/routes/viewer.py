@@ -24,6 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import similarity_maps
 from ace_model.preprocess import (
@@ -120,7 +121,8 @@ async def list_images(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ImageList:
-    with app_state(request).index.lease() as index:
+    with app_state(request).served.lease() as generation:
+        index = generation.index
         if index is None:
             return ImageList(index_version=None, total=0, images=[])
         ids = index.image_ids()
@@ -133,7 +135,8 @@ async def list_images(
 @router.get("/images/{image_id:path}/thumbnail", response_class=Response,
             responses={**PNG_OK, **_errors(404)})
 async def thumbnail(request: Request, image_id: str) -> Response:
-    with app_state(request).index.lease() as index:
+    with app_state(request).served.lease() as generation:
+        index = generation.index
         indexed = _indexed(index, image_id)
         stored = indexed.thumbnail_path(image_id)
         if stored is not None:
@@ -145,7 +148,8 @@ async def thumbnail(request: Request, image_id: str) -> Response:
 
 @router.get("/images/{image_id:path}", response_model=ImageInfo, responses=_errors(404))
 async def image_info(request: Request, image_id: str) -> ImageInfo:
-    with app_state(request).index.lease() as index:
+    with app_state(request).served.lease() as generation:
+        index = generation.index
         return _image_info(_indexed(index, image_id), image_id)
 
 
@@ -210,12 +214,12 @@ async def heatmap(
         raise invalid(f"{len(targets or [])} targets uploaded; at most {state.settings.max_targets}")
     query = await _decode(image, "image", state)
     uploads = [await _decode(f, f"targets[{i}]", state) for i, f in enumerate(targets or [])]
-    size, grid = state.encoder.spec.img_size, state.encoder.grid
-    prepared = [await run_in_threadpool(prepare, d, size, grid) for d in [query, *uploads]]
-    check_inside(shapes, prepared[0][1])
-    with state.index.lease() as index:
-        indexed = [_indexed_target(index, image_id) for image_id in ids]
-        grids = await _embed(state, [tensor for tensor, _ in prepared])
+    with state.served.lease() as generation:
+        size, grid = generation.encoder.spec.img_size, generation.encoder.grid
+        prepared = [await run_in_threadpool(prepare, d, size, grid) for d in [query, *uploads]]
+        check_inside(shapes, prepared[0][1])
+        indexed = [_indexed_target(generation.index, image_id) for image_id in ids]
+        grids = await _embed(state, [tensor for tensor, _ in prepared], generation.encoder)
         vector = embed_queries(shapes, grids[0], prepared[0][1]).vectors
         found = [_Target(i, g, c.valid_patches().reshape(g.shape[:2]), c)
                  for i, (g, (_, c)) in enumerate(zip(grids[1:], prepared[1:], strict=True))]
@@ -232,9 +236,9 @@ async def _decode(upload: UploadFile, what: str, state: AppState) -> DecodedImag
         raise from_decode_error(err, what) from err
 
 
-async def _embed(state: AppState, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+async def _embed(state: AppState, tensors: list[torch.Tensor], encoder: Encoder) -> list[torch.Tensor]:
     try:
-        embedded = await state.batcher.embed(tensors)
+        embedded = await state.batcher.embed(tensors, encoder)
     except QueueFullError as err:
         raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
     return [e.patches for e in embedded]
