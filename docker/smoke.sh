@@ -7,7 +7,7 @@
 #  1. podman set up daemon-less: runc and explicit ulimits via a CONTAINERS_CONF file
 #  2. base image: Debian bookworm minbase + Python 3.11 (debootstrap, podman import), cached
 #  3. wheelhouse from this machine's pip (the build itself runs with --network none)
-#  4. podman build docker/Dockerfile; image size and build time are printed (and appended as a
+#  4. podman build $ACE_SMOKE_DOCKERFILE (docker/Dockerfile); image size and build time are printed (and appended as a
 #     JSON line to $ACE_SMOKE_REPORT when set)
 #  5. jobs in the image: init-encoder, data phantoms, index build --publish  -> volume
 #  6. api container: /ready, healthcheck, non-root, a real POST /match checked for correctness
@@ -19,11 +19,14 @@
 # Env: ACE_SMOKE_CACHE   kept between runs: base rootfs tarball and wheels (/var/cache/ace-smoke)
 #      ACE_SMOKE_KEEP=1  keep the built image (its tag is printed)
 #      ACE_SMOKE_IMAGE   test this already built image instead of building one (not removed)
+#      ACE_SMOKE_DOCKERFILE=docker/Dockerfile.cuda   build and test the CUDA image instead (without
+#                        a GPU here its ACE_DEVICE=auto serves on the CPU: same code, same checks)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 cache="${ACE_SMOKE_CACHE:-/var/cache/ace-smoke}"
+dockerfile="${ACE_SMOKE_DOCKERFILE:-docker/Dockerfile}"
 run_id="$(date +%s)-$$"
 work="$(mktemp -d /var/tmp/ace-smoke.XXXXXX)"
 image_tag="localhost/ace-smoke:$run_id"
@@ -116,9 +119,9 @@ build_image() {
     local before started
     before="$(snapshot_images)"
     started=$(date +%s)
-    log "building $image_tag (docker/Dockerfile, BASE_IMAGE=$base_tag, --network none)"
+    log "building $image_tag ($dockerfile, BASE_IMAGE=$base_tag, --network none)"
     local status=0
-    podman build --format docker --network none -f docker/Dockerfile \
+    podman build --format docker --network none -f "$dockerfile" \
         --build-arg BASE_IMAGE="$base_tag" -t "$image_tag" . >"$work/build.log" 2>&1 || status=$?
     build_s=$(($(date +%s) - started))
     # the image and the builder stage's intermediate images, by id (also after a failed build)
@@ -127,8 +130,8 @@ build_image() {
     image_bytes="$(podman image inspect --format '{{.Size}}' "$image_tag")"
     log "built in ${build_s} s; image size $((image_bytes / 1000000)) MB"
     if [[ -n "${ACE_SMOKE_REPORT:-}" ]]; then
-        printf '{"date": "%s", "image": "cpu", "build_s": %d, "size_bytes": %d, "podman": "%s"}\n' \
-            "$(date -u +%FT%TZ)" "$build_s" "$image_bytes" "$(podman version --format '{{.Client.Version}}')" \
+        printf '{"date": "%s", "dockerfile": "%s", "build_s": %d, "size_bytes": %d, "podman": "%s"}\n' \
+            "$(date -u +%FT%TZ)" "$dockerfile" "$build_s" "$image_bytes" "$(podman version --format '{{.Client.Version}}')" \
             >>"$ACE_SMOKE_REPORT"
     fi
 }

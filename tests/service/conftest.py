@@ -9,6 +9,7 @@ any training.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import threading
 import time
@@ -29,6 +30,9 @@ from service.config import Settings
 from service.main import create_app
 
 IMG_SIZE = 64  # model input side: a 4 x 4 patch grid with vit_tiny's 16 px patches
+# The inference worker's device for the HTTP tests; on a GPU host `ACE_TEST_DEVICE=cuda` runs the
+# same tests with batched inference on the GPU (benchmarks/gpu_check.sh).
+TEST_DEVICE = os.environ.get("ACE_TEST_DEVICE", "cpu")
 
 
 def identity_encoder(seed: int) -> Encoder:
@@ -124,7 +128,7 @@ def settings_for(encoder_dir: Path) -> Callable[..., Settings]:
     """`settings_for(**overrides)` -> Settings on the identity encoder, small limits, no polling."""
 
     def make(**overrides: object) -> Settings:
-        values: dict[str, object] = {"encoder": encoder_dir, "device": "cpu", "poll_interval_s": 0,
+        values: dict[str, object] = {"encoder": encoder_dir, "device": TEST_DEVICE, "poll_interval_s": 0,
                                      "max_wait_ms": 5.0, "threads": None}
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from service.config import Settings
-from tests.service.conftest import block_texture, build_index, png_bytes, running_server
+from tests.service.conftest import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
 
 API_KEY = "s3cret-key"
 IMAGE = png_bytes(block_texture(5, 96, 80))  # 80 x 96 pixels
@@ -41,7 +41,7 @@ def multiframe_dicom(frames: int = 2) -> bytes:
 def client(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("index")
     build_index(root, encoder_dir, {"known": IMAGE}, root.parent / "work")
-    settings = Settings(encoder=encoder_dir, index_root=root, device="cpu", poll_interval_s=0,
+    settings = Settings(encoder=encoder_dir, index_root=root, device=TEST_DEVICE, poll_interval_s=0,
                         api_key=API_KEY, max_points=4, max_targets=2, max_k=10, max_image_ids=3,
                         max_upload_bytes=64 * 1024, max_pixels=1_000_000)
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as http:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from service.config import Settings
-from tests.service.conftest import block_texture, build_index, png_bytes, running_server
+from tests.service.conftest import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -25,7 +25,7 @@ def test_no_input_causes_a_server_error(tmp_path: Path, encoder_dir: Path) -> No
 
     root = tmp_path / "index"
     build_index(root, encoder_dir, {"a": png_bytes(block_texture(1, 64, 64))}, tmp_path / "work")
-    config = Settings(encoder=encoder_dir, index_root=root, device="cpu", poll_interval_s=0,
+    config = Settings(encoder=encoder_dir, index_root=root, device=TEST_DEVICE, poll_interval_s=0,
                       api_key="fuzz-key", max_upload_bytes=256 * 1024)
     with running_server(config) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")

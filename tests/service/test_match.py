@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.config import Settings
-from tests.service.conftest import block_texture, build_index, png_bytes, running_server
+from tests.service.conftest import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
 
 HEIGHT, WIDTH = 160, 128  # letterboxed into 64 px: 0.4 model px per pixel, one patch = 40 px
 PATCH_PX = 40.0
@@ -43,7 +43,7 @@ def index_root(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path,
 
 @pytest.fixture(scope="module")
 def base_url(encoder_dir: Path, index_root: Path) -> Iterator[str]:
-    settings = Settings(encoder=encoder_dir, index_root=index_root, device="cpu", poll_interval_s=0)
+    settings = Settings(encoder=encoder_dir, index_root=index_root, device=TEST_DEVICE, poll_interval_s=0)
     with running_server(settings) as url:
         yield url
 

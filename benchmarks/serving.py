@@ -7,7 +7,9 @@ Phases, run round-robin (--rounds times, medians reported) so machine noise hits
 Each configuration is its own `uvicorn service.main:create_app_from_env` process on 127.0.0.1;
 one request = one query image (PNG, decoded by the service) and one point, no index.
 
-    .venv/bin/python benchmarks/service.py [--seconds 8] [--clients 16] [--encoder DIR]
+    .venv/bin/python benchmarks/serving.py [--seconds 8] [--clients 16] [--encoder DIR]
+    python benchmarks/serving.py --device cuda --backbone vit_base_patch16_224 --img-size 448 \
+        --batch 32 --clients 64                   # on a GPU host: the same ratios on the GPU
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from PIL import Image
 
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
+from service.batcher import Batcher, BatcherConfig, resolve_device
 
 
 def free_port() -> int:
@@ -47,21 +50,22 @@ def query_png(side: int) -> bytes:
     return out.getvalue()
 
 
-def raw_images_per_s(encoder: Encoder, batch: int, seconds: float) -> float:
+def raw_images_per_s(encoder: Encoder, device: str, batch: int, seconds: float) -> float:
+    """The service's own forward path (device, autocast, copy back) without HTTP or queueing."""
+    runner = Batcher(BatcherConfig(batch, 0, batch, resolve_device(device), True), lambda b, d: None)
+    encoder = runner.prepare(encoder)  # includes a warm-up pass
     images = torch.randn(batch, 3, encoder.spec.img_size, encoder.spec.img_size)
-    with torch.inference_mode():
-        encoder(images)  # warm-up
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            encoder(images)
-            done += batch
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        runner.forward(images, encoder)  # returns CPU tensors: the device has finished
+        done += batch
     return done / (time.perf_counter() - started)
 
 
 class Server:
-    def __init__(self, encoder_dir: Path, threads: int, **settings: object) -> None:
+    def __init__(self, encoder_dir: Path, threads: int, device: str, **settings: object) -> None:
         self.port = free_port()
-        env = {**os.environ, "ACE_ENCODER": str(encoder_dir), "ACE_DEVICE": "cpu",
+        env = {**os.environ, "ACE_ENCODER": str(encoder_dir), "ACE_DEVICE": device,
                "ACE_THREADS": str(threads), "ACE_POLL_INTERVAL_S": "0", "ACE_LOG_LEVEL": "warning"}
         env.update({f"ACE_{k.upper()}": str(v) for k, v in settings.items()})
         self.process = subprocess.Popen(
@@ -95,9 +99,13 @@ async def load(url: str, image: bytes, clients: int, seconds: float) -> dict[str
         async def one() -> float:
             nonlocal errors
             started = time.perf_counter()
-            response = await client.post("/match", files={"image": ("q.png", image, "image/png")},
-                                         data={"points": "[[100, 120]]", "k": "5"})
-            errors += response.status_code != 200
+            try:
+                response = await client.post("/match", files={"image": ("q.png", image, "image/png")},
+                                             data={"points": "[[100, 120]]", "k": "5"})
+                errors += response.status_code != 200
+            except httpx.TransportError as err:  # counted, and the run goes on
+                errors += 1
+                print(f"transport error: {err!r}", file=sys.stderr)
             return time.perf_counter() - started
 
         async def worker(until: float, record: bool) -> None:
@@ -126,7 +134,10 @@ def batch_histogram(url: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", type=Path, help="encoder artifact (default: random vit_tiny at 224)")
+    parser.add_argument("--encoder", type=Path, help="encoder artifact (default: random --backbone)")
+    parser.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm model without --encoder")
+    parser.add_argument("--img-size", type=int, default=224, help="input side without --encoder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (servers and raw encoder)")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="round-robin rounds over all phases")
     parser.add_argument("--clients", type=int, default=16)
@@ -139,7 +150,7 @@ def main() -> None:
         encoder_dir = args.encoder or Path(tmp) / "encoder"
         if args.encoder is None:
             torch.manual_seed(0)
-            Encoder(EncoderSpec("vit_tiny_patch16_224", 224)).save(encoder_dir)
+            Encoder(EncoderSpec(args.backbone, args.img_size)).save(encoder_dir)
         print(json.dumps(run(load_encoder(encoder_dir), encoder_dir, args), indent=2))
 
 
@@ -147,10 +158,14 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
     """Both servers stay up (idle when not measured); phases run round-robin, medians reported."""
     image = query_png(args.image_side)
     samples: dict[str, list[dict[str, float]]] = {}
-    with Server(encoder_dir, args.threads, max_batch_size=args.batch, max_wait_ms=5) as batched, \
-            Server(encoder_dir, args.threads, max_batch_size=1, max_wait_ms=0) as single:
+    queue = max(64, 2 * args.clients)
+    with Server(encoder_dir, args.threads, args.device, max_batch_size=args.batch, max_wait_ms=5,
+                queue_size=queue) as batched, \
+            Server(encoder_dir, args.threads, args.device, max_batch_size=1, max_wait_ms=0,
+                   queue_size=queue) as single:
         phases = {
-            "raw_encoder": lambda: {"images_per_s": raw_images_per_s(encoder, args.batch, args.seconds)},
+            "raw_encoder": lambda: {
+                "images_per_s": raw_images_per_s(encoder, args.device, args.batch, args.seconds)},
             "batched_clients": lambda: asyncio.run(load(batched.url, image, args.clients, args.seconds)),
             "batch1_clients": lambda: asyncio.run(load(single.url, image, args.clients, args.seconds)),
             "batched_one_client": lambda: asyncio.run(load(batched.url, image, 1, args.seconds)),
@@ -163,6 +178,7 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
     result = {name: _median(runs) for name, runs in samples.items()}
     return {
         "encoder": f"{encoder.spec.backbone}@{encoder.spec.img_size}", "threads": args.threads,
+        "device": _device_name(args.device),
         "clients": args.clients, "image_side": args.image_side, "batch": args.batch,
         "rounds": args.rounds, "seconds_per_phase": args.seconds, "phases": result,
         "batched_server_batches": histogram,
@@ -171,6 +187,11 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
         "ratio_batched_to_batch1": result["batched_clients"]["images_per_s"]
         / result["batch1_clients"]["images_per_s"],
     }
+
+
+def _device_name(requested: str) -> str:
+    device = resolve_device(requested)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
