@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -63,14 +64,16 @@ def raw_images_per_s(encoder: Encoder, device: str, batch: int, seconds: float) 
 
 
 class Server:
-    def __init__(self, encoder_dir: Path, threads: int, device: str, **settings: object) -> None:
+    def __init__(self, encoder_dir: Path, threads: int, device: str, workers: int = 1,
+                 **settings: object) -> None:
         self.port = free_port()
         env = {**os.environ, "ACE_ENCODER": str(encoder_dir), "ACE_DEVICE": device,
                "ACE_THREADS": str(threads), "ACE_POLL_INTERVAL_S": "0", "ACE_LOG_LEVEL": "warning"}
         env.update({f"ACE_{k.upper()}": str(v) for k, v in settings.items()})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.main:create_app_from_env", "--factory",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"], env=env)
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+             "--workers", str(workers)], env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Server:
@@ -143,6 +146,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched config")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="> 1 adds a phase: the batched config with this many api processes")
     parser.add_argument("--image-side", type=int, default=256, help="query PNG side in pixels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,7 +167,8 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
     with Server(encoder_dir, args.threads, args.device, max_batch_size=args.batch, max_wait_ms=5,
                 queue_size=queue) as batched, \
             Server(encoder_dir, args.threads, args.device, max_batch_size=1, max_wait_ms=0,
-                   queue_size=queue) as single:
+                   queue_size=queue) as single, \
+            contextlib.ExitStack() as extra:
         phases = {
             "raw_encoder": lambda: {
                 "images_per_s": raw_images_per_s(encoder, args.device, args.batch, args.seconds)},
@@ -171,6 +177,11 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
             "batched_one_client": lambda: asyncio.run(load(batched.url, image, 1, args.seconds)),
             "batch1_one_client": lambda: asyncio.run(load(single.url, image, 1, args.seconds)),
         }
+        if args.workers > 1:
+            several = extra.enter_context(Server(encoder_dir, args.threads, args.device, args.workers,
+                                                 max_batch_size=args.batch, max_wait_ms=5, queue_size=queue))
+            phases["batched_workers_clients"] = lambda: asyncio.run(
+                load(several.url, image, args.clients, args.seconds))
         for _ in range(args.rounds):
             for name, phase in phases.items():
                 samples.setdefault(name, []).append(phase())
@@ -186,7 +197,18 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
         / result["raw_encoder"]["images_per_s"],
         "ratio_batched_to_batch1": result["batched_clients"]["images_per_s"]
         / result["batch1_clients"]["images_per_s"],
+        **_workers_ratio(result, args.workers),
     }
+
+
+def _workers_ratio(result: dict[str, dict[str, float]], workers: int) -> dict[str, object]:
+    if "batched_workers_clients" not in result:
+        return {}
+    return {"workers": workers,
+            "ratio_workers_to_raw": result["batched_workers_clients"]["images_per_s"]
+            / result["raw_encoder"]["images_per_s"],
+            "ratio_workers_to_one_process": result["batched_workers_clients"]["images_per_s"]
+            / result["batched_clients"]["images_per_s"]}
 
 
 def _device_name(requested: str) -> str:

@@ -48,6 +48,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-steps", type=int, default=DEMO_STEPS, help="demo training steps")
     parser.add_argument("--host", default=os.environ.get("ACE_HOST", "127.0.0.1"),
                         help="bind address (ACE_HOST, default 127.0.0.1)")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("ACE_WORKERS", "1")),
+                        help="api processes on this port (ACE_WORKERS); each loads its own encoder and "
+                             "batches its own requests: 2-4 keep one GPU busy (docs/deploy.md)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("ACE_PORT", "8000")),
                         help="port (ACE_PORT, default 8000)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
@@ -68,11 +71,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.encoder is None and "ACE_ENCODER" not in os.environ:
         print("ace serve: give --encoder DIR (or ACE_ENCODER), or use --demo", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print(f"ace serve: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
     export_environment(args)
     import uvicorn  # only the serving path needs it
 
-    print(f"serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
-    uvicorn.run(APP, factory=True, host=args.host, port=args.port,
+    print(f"serving on http://{args.host}:{args.port} with {args.workers} worker process(es) "
+          "(API docs at /docs)", flush=True)
+    uvicorn.run(APP, factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=os.environ.get("ACE_LOG_LEVEL", "info").lower())
     return 0
 

@@ -36,12 +36,14 @@ def test_serve_without_an_encoder_explains_itself(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.slow
-def test_ace_serve_answers_on_loopback(encoder_dir: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ace_serve_answers_on_loopback(encoder_dir: Path, workers: int) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "training.cli", "serve", "--encoder", str(encoder_dir),
-               "--port", str(port), "--poll-interval", "0", "--log-level", "warning"]
+               "--port", str(port), "--poll-interval", "0", "--log-level", "warning",
+               "--workers", str(workers)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -53,8 +55,8 @@ def test_ace_serve_answers_on_loopback(encoder_dir: Path) -> None:
                 pass
             assert process.poll() is None and time.monotonic() < deadline, "ace serve did not start"
             time.sleep(0.2)
-        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
-        assert info["index"] is None and info["encoder"]["img_size"] == 64
+        infos = [httpx.get(f"http://127.0.0.1:{port}/info").json() for _ in range(4 * workers)]
+        assert all(i["index"] is None and i["encoder"]["img_size"] == 64 for i in infos)
     finally:
         process.terminate()
         process.wait(timeout=30)
