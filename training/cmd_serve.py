@@ -48,10 +48,10 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-steps", type=int, default=DEMO_STEPS, help="demo training steps")
     parser.add_argument("--host", default=os.environ.get("ACE_HOST", "127.0.0.1"),
                         help="bind address (ACE_HOST, default 127.0.0.1)")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("ACE_WORKERS", "1")),
+    parser.add_argument("--workers", type=int, default=os.environ.get("ACE_WORKERS", "1"),
                         help="api processes on this port (ACE_WORKERS); each loads its own encoder and "
                              "batches its own requests: 2-4 keep one GPU busy (docs/deploy.md)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("ACE_PORT", "8000")),
+    parser.add_argument("--port", type=int, default=os.environ.get("ACE_PORT", "8000"),
                         help="port (ACE_PORT, default 8000)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     parser.add_argument("--max-batch-size", type=int, default=None)
