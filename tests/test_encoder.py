@@ -100,6 +100,19 @@ def test_fingerprint_is_stable_and_content_addressed(encoder: Encoder, saved: Pa
     assert other.save(tmp_path / "changed") != encoder.fingerprint
 
 
+def test_export_over_an_artifact_replaces_it_whole(encoder: Encoder, artifact: Path) -> None:
+    """A running service reads ACE_ENCODER while `ace export` rewrites it: files are renamed into
+    place (no partial file, no leftovers), and a mixed old/new pair fails the fingerprint check."""
+    old_config = (artifact / CONFIG_FILE).read_text()
+    other = Encoder(SPEC)
+    new_fingerprint = other.save(artifact)
+    assert sorted(p.name for p in artifact.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert load_encoder(artifact).fingerprint == new_fingerprint != encoder.fingerprint
+    (artifact / CONFIG_FILE).write_text(old_config)  # the moment between the two renames
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_encoder(artifact)
+
+
 def test_encoder_from_backbone_copies_the_weights() -> None:
     source = Backbone("vit_tiny_patch16_224", 64).eval()
     encoder = encoder_from_backbone(source, {"step": 3})
