@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ ARTIFACT_FORMAT = 1
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "weights.safetensors"
 REQUIRED_KEYS = ("backbone", "img_size", "pixel_mean", "pixel_std", "fingerprint")
+ENCODER_STORE = "encoders"  # folder of an index root: <fingerprint>/ for each encoder that built it
 
 
 class ArtifactError(RuntimeError):
@@ -127,6 +129,29 @@ def read_artifact_meta(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise ArtifactError(f"{path} lacks the fields {missing}; re-export the encoder")
     return dict(meta)
+
+
+def store_artifact(directory: str | Path, store: str | Path) -> Path:
+    """Copy an artifact to store/<fingerprint>/ unless it is there; returns that folder.
+
+    An index root keeps the encoders that built its versions in such a store (`ENCODER_STORE`),
+    so a reader can always load the encoder a published version needs, also after the artifact
+    at the deployment's encoder path was replaced by a retrain. The copy appears by one rename.
+    """
+    fingerprint = str(read_artifact_meta(directory)["fingerprint"])
+    target = Path(store) / fingerprint
+    if (target / CONFIG_FILE).is_file():
+        return target
+    staging = Path(store) / f".{fingerprint}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        shutil.copy2(Path(directory) / name, staging / name)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another writer stored the same encoder first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _spec_from_meta(meta: dict[str, Any], directory: str | Path) -> EncoderSpec:

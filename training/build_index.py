@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ace_model import index as ix
-from ace_model.encoder import Encoder, load_encoder
+from ace_model.encoder import ENCODER_STORE, Encoder, load_encoder, store_artifact
 from ace_model.preprocess import CoordinateMap, ImageDecodeError, load_image, prepare
 from training.data import find_images, read_list_file
 
@@ -368,6 +368,7 @@ def run_build(encoder_dir: str | Path, source: str | Path | Sequence[str | Path]
     """Embed this shard's chunks; when every chunk is done (or merge_only), write the version."""
     start, root, options = time.perf_counter(), Path(root), options or EmbedOptions()
     encoder = load_encoder(encoder_dir)
+    store_artifact(encoder_dir, root / ENCODER_STORE)  # readers find it by the version's fingerprint
     plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint, 0, chunk_size)
     timings: dict[str, float] = {}
     if not merge_only:
@@ -408,6 +409,7 @@ def run_add(source: str | Path | Sequence[str | Path], root: str | Path,
         raise ix.IndexNotFoundError(f"no published index under {root} to add to; build one first")
     manifest = json.loads((ix.version_dir(root, base) / ix.MANIFEST_FILE).read_text())
     encoder = load_encoder(encoder_dir or manifest["build"]["encoder"])
+    store_artifact(encoder_dir or manifest["build"]["encoder"], root / ENCODER_STORE)
     plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint,
                      manifest["next_image_index"])
     embed_chunks(plan, encoder, options)
