@@ -99,6 +99,6 @@ class Info(BaseModel):
 
 
 class ReloadResponse(BaseModel):
-    status: str = Field(description="swapped | unchanged | refused | missing | disabled")
+    status: str = Field(description="swapped | unchanged | refused | missing | failed | disabled")
     version: str | None = Field(description="the version served after the reload")
     detail: str

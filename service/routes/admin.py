@@ -13,7 +13,9 @@ from service.errors import ApiError
 from service.schemas import ErrorResponse, ReloadResponse
 from service.state import app_state
 
-RELOAD_STATUS = {"swapped": 200, "unchanged": 200, "refused": 409, "missing": 404, "disabled": 409}
+# failed: the version is fine but loading its encoder failed (e.g. out of memory); retried later
+RELOAD_STATUS = {"swapped": 200, "unchanged": 200, "refused": 409, "missing": 404, "failed": 503,
+                 "disabled": 409}
 
 
 def require_api_key(
@@ -41,7 +43,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 
 @router.post("/reload", response_model=ReloadResponse,
              responses={401: {"model": ErrorResponse}, 404: {"model": ReloadResponse},
-                        409: {"model": ReloadResponse}})
+                        409: {"model": ReloadResponse}, 503: {"model": ReloadResponse}})
 async def reload(request: Request, force: bool = False) -> JSONResponse:
     """Serve the version CURRENT names, with its encoder (force: reopen even if unchanged)."""
     state = app_state(request)

@@ -6,6 +6,9 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ace_model.encoder import Encoder
+from ace_model.index import PatchIndex
+from service.generations import Generation
 from service.schemas import BatchingInfo, EncoderInfo, Health, IndexInfo, Info, Limits, Readiness
 from service.state import AppState, app_state
 
@@ -30,7 +33,7 @@ def _readiness(state: AppState) -> Readiness:
     if not state.warmed_up:
         detail = "warming up the encoder"
     elif needs_index and not index_loaded:
-        detail = f"no index published under {state.settings.index_root} yet"
+        detail = f"no index served: {state.served.problem or 'none published yet'}"
     else:
         detail = "ready"
     return Readiness(ready=ready, encoder_loaded=True, warmed_up=state.warmed_up,
@@ -40,9 +43,14 @@ def _readiness(state: AppState) -> Readiness:
 @router.get("/info", response_model=Info)
 async def info(request: Request) -> Info:
     state = app_state(request)
+    with state.served.lease() as generation:
+        return _info(state, generation)
+
+
+def _info(state: AppState, generation: Generation) -> Info:
     settings = state.settings
     root = settings.index_root
-    return Info(encoder=_encoder_info(state), index=_index_info(state),
+    return Info(encoder=_encoder_info(generation.encoder), index=_index_info(generation.index),
                 index_root=str(root) if root else None,
                 limits=Limits(max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                               max_points=settings.max_points, max_targets=settings.max_targets,
@@ -50,14 +58,12 @@ async def info(request: Request) -> Info:
                 batching=_batching_info(state))
 
 
-def _encoder_info(state: AppState) -> EncoderInfo:
-    encoder = state.served.current.encoder
+def _encoder_info(encoder: Encoder) -> EncoderInfo:
     return EncoderInfo(fingerprint=encoder.fingerprint, backbone=encoder.spec.backbone,
                        img_size=encoder.spec.img_size, grid=encoder.grid, dim=encoder.dim)
 
 
-def _index_info(state: AppState) -> IndexInfo | None:
-    index = state.served.current.index
+def _index_info(index: PatchIndex | None) -> IndexInfo | None:
     if index is None:
         return None
     return IndexInfo(version=index.version, num_images=index.num_images, num_patches=index.num_patches)

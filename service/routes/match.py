@@ -35,7 +35,7 @@ SELF_PROBE_HITS = 4  # near-duplicates of the query in the index beyond this man
 SELF_MIN_SCORE = 0.995  # cosine of a patch with its own float16-stored copy
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (413, 415, 422, 429)
+    code: {"model": ErrorResponse} for code in (413, 415, 422, 429, 503)
 }
 
 
@@ -73,6 +73,7 @@ async def match(
         uploads = [await _prepare_upload(f, f"targets[{i}]", state, generation.encoder)
                    for i, f in enumerate(target_files)]
         index = generation.index
+        _check_index_served(state, index)
         _check_ids(index, ids)
         embedded = await _embed(state, [query, *uploads], generation.encoder)
         search_started = time.perf_counter()
@@ -90,6 +91,14 @@ def _check_request(settings: Settings, k: int, n_targets: int, image_ids: str | 
     if n_targets > settings.max_targets:
         raise invalid(f"{n_targets} targets uploaded; at most {settings.max_targets} per request")
     return parse_image_ids(image_ids, settings.max_image_ids)
+
+
+def _check_index_served(state: AppState, index: PatchIndex | None) -> None:
+    """With ACE_INDEX_ROOT set, an answer without index matches would be silently incomplete."""
+    if index is None and state.settings.index_root is not None:
+        reason = state.served.problem or "none is published yet"
+        raise ApiError(503, f"no index is served, so /match cannot search it: {reason}",
+                       headers={"Retry-After": "10"})
 
 
 def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:

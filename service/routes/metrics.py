@@ -19,7 +19,8 @@ async def metrics(request: Request) -> Response:
 
 
 def _refresh_gauges(state: AppState) -> None:
-    index = state.served.current.index
     state.metrics.queue_depth.set(state.batcher.depth)
-    state.metrics.index_images.set(index.num_images if index else 0)
-    state.metrics.index_patches.set(index.num_patches if index else 0)
+    with state.served.lease() as generation:  # a swap must not close the index while it is read
+        index = generation.index
+        state.metrics.index_images.set(index.num_images if index else 0)
+        state.metrics.index_patches.set(index.num_patches if index else 0)

@@ -1,9 +1,14 @@
 """A retrained encoder and its index are served together, without a restart (issue 6).
 
 The api reads the encoder artifact at ACE_ENCODER; `ace export` replaces it and `ace index build
---publish` publishes a version built by it. The running api must then serve the new pair, keep
-every in-flight request on one consistent (encoder, index) pair, and roll back to the previous
-pair without reading the artifact again.
+--publish` publishes a version built by it (keeping a copy of the encoder in the index root's
+store). The running api must then serve the new pair, keep every request on one consistent
+(encoder, index) pair, roll back to the previous pair, and after a restart serve the published
+version with the encoder that built it, whatever ACE_ENCODER holds by then.
+
+Consistency is checked on the answers' content, not only their labels: the query image is
+indexed as "a", and its point found in "a" scores ~1 only when the query was embedded by the
+encoder that built the served index (two identity encoders with different seeds disagree).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,9 +30,12 @@ from ace_model.index import rollback
 from service.batcher import Batcher, BatcherConfig
 from service.config import Settings
 from tests.service.conftest import block_texture, build_index, identity_encoder, png_bytes, running_server
+from training.build_index import EmbedOptions
+from training.build_index import build_index as ace_index_build
 
 IMAGE = png_bytes(block_texture(7, 96, 80))
 OTHER = png_bytes(block_texture(8, 96, 80))
+SELF_SCORE = 0.99  # a patch centre (28, 36) finds its own patch, stored as float16, same encoder
 
 
 @pytest.fixture
@@ -37,39 +46,61 @@ def deployed_encoder(tmp_path: Path, encoder_dir: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(IMAGE)
+    (folder / "b.png").write_bytes(OTHER)
+    return folder
+
+
+def index_job(encoder: Path, images: Path, root: Path) -> str:
+    """`ace index build --encoder ENC --images DIR --out ROOT --publish`, in process."""
+    return ace_index_build(encoder, images, root, options=EmbedOptions(num_workers=0))
+
+
 def match(client: httpx.Client) -> httpx.Response:
     files = [("image", ("q.png", IMAGE, "image/png"))]
-    return client.post("/match", files=files, data={"points": "[[40, 48]]", "k": "2"})
+    return client.post("/match", files=files, data={"points": "[[28, 36]]", "k": "2", "image_ids": '["a"]'})
 
 
 def served_pair(response: httpx.Response) -> tuple[str, str]:
+    """(encoder, index version) of a /match answer whose query was embedded by the index's encoder."""
     assert response.status_code == 200, response.text
     body = response.json()
+    score = body["results"][0]["correspondences"][0]["score"]
+    assert score > SELF_SCORE, f"query embedded by another encoder than index {body['index_version']}'s"
     return body["encoder"], body["index_version"]
 
 
 def test_new_encoder_and_its_index_swap_in_together_under_load(
-    settings_for: Callable[..., Settings], tmp_path: Path, deployed_encoder: Path,
+    settings_for: Callable[..., Settings], tmp_path: Path, deployed_encoder: Path, images: Path,
 ) -> None:
     root = tmp_path / "index"
-    first = build_index(root, deployed_encoder, {"a": IMAGE}, tmp_path / "work")
+    first = index_job(deployed_encoder, images, root)
     old_fp = load_encoder(deployed_encoder).fingerprint
     with running_server(settings_for(encoder=deployed_encoder, index_root=root)) as url, \
             httpx.Client(base_url=url, timeout=120) as client:
-        swapped = threading.Event()
+        stop, responses = threading.Event(), []
 
-        def load() -> list[httpx.Response]:
-            return [match(client) for _ in range(5)] + ([match(client)] if swapped.wait(60) else [])
+        def load() -> None:
+            while not stop.is_set():
+                responses.append(match(client))
 
         with ThreadPoolExecutor(4) as pool:
             running = [pool.submit(load) for _ in range(4)]
+            _wait_for(lambda: len(responses) >= 4)  # requests are flowing before the retrain lands
             new_fp = identity_encoder(1).save(deployed_encoder)  # `ace export` over the volume
-            second = build_index(root, deployed_encoder, {"a": IMAGE, "b": OTHER}, tmp_path / "work")
+            second = index_job(deployed_encoder, images, root)
             reload = client.post("/admin/reload")
-            swapped.set()
-            pairs = {served_pair(r) for future in running for r in future.result()}
+            _wait_for(lambda: _count(responses, second) >= 4)  # and go on after the swap
+            stop.set()
+            for future in running:
+                future.result()
+        pairs = [served_pair(r) for r in responses]
         assert reload.json()["status"] == "swapped", reload.text
-        assert pairs <= {(old_fp, first), (new_fp, second)} and (new_fp, second) in pairs
+        assert set(pairs) == {(old_fp, first), (new_fp, second)}
         assert client.get("/info").json()["encoder"]["fingerprint"] == new_fp
 
         rollback(root)  # the previous pair comes back from memory: ACE_ENCODER holds the new one
@@ -77,14 +108,38 @@ def test_new_encoder_and_its_index_swap_in_together_under_load(
         assert served_pair(match(client)) == (old_fp, first)
 
 
-def test_index_waits_for_its_encoder_to_be_exported(
+def _wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "requests stopped flowing"
+        time.sleep(0.05)
+
+
+def _count(responses: list[httpx.Response], version: str) -> int:
+    return sum(r.status_code == 200 and r.json()["index_version"] == version for r in list(responses))
+
+
+def test_a_restart_serves_the_published_version_with_its_stored_encoder(
+    settings_for: Callable[..., Settings], tmp_path: Path, deployed_encoder: Path, images: Path,
+) -> None:
+    root = tmp_path / "index"
+    first = index_job(deployed_encoder, images, root)
+    old_fp = load_encoder(deployed_encoder).fingerprint
+    identity_encoder(1).save(deployed_encoder)  # retrained and exported; the index job not run yet
+    settings = settings_for(encoder=deployed_encoder, index_root=root)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
+        assert client.get("/ready").status_code == 200
+        assert served_pair(match(client)) == (old_fp, first)
+
+
+def test_an_index_without_its_encoder_is_refused_and_match_says_so(
     settings_for: Callable[..., Settings], tmp_path: Path, deployed_encoder: Path, other_encoder_dir: Path,
 ) -> None:
     root = tmp_path / "index"
     first = build_index(root, deployed_encoder, {"a": IMAGE}, tmp_path / "work")
     with running_server(settings_for(encoder=deployed_encoder, index_root=root)) as url, \
             httpx.Client(base_url=url, timeout=60) as client:
-        second = build_index(root, other_encoder_dir, {"a": IMAGE}, tmp_path / "work")
+        second = build_index(root, other_encoder_dir, {"a": IMAGE}, tmp_path / "work")  # no store copy
         refused = client.post("/admin/reload")
         assert refused.status_code == 409 and refused.json()["version"] == first
         assert str(deployed_encoder) in refused.json()["detail"]
@@ -93,6 +148,14 @@ def test_index_waits_for_its_encoder_to_be_exported(
         shutil.copytree(other_encoder_dir, deployed_encoder, dirs_exist_ok=True)  # the export lands
         assert client.post("/admin/reload").json()["status"] == "swapped"
         assert served_pair(match(client)) == (load_encoder(other_encoder_dir).fingerprint, second)
+
+    identity_encoder(0).save(deployed_encoder)  # a restart with neither copy of encoder 1 around
+    with running_server(settings_for(encoder=deployed_encoder, index_root=root)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "refused" in ready.json()["detail"]
+        response = match(client)
+        assert response.status_code == 503 and "no index is served" in response.json()["detail"]
 
 
 def test_batches_never_mix_encoders() -> None:
