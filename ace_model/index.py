@@ -38,6 +38,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 from tqdm import tqdm
 
 from ace_model.preprocess import CoordinateMap
@@ -101,10 +102,12 @@ class IndexParams:
     flat_max_patches: int = 1_000_000  # auto picks flat up to this many patches, ivfpq beyond
     nlist: int = 0  # IVF lists; 0 = 4 * sqrt(num_patches) clipped to [16, 65536]
     pq_bytes: int = 48  # PQ code bytes per patch (sub-quantiser count rounded to a divisor of D)
-    opq: bool = False  # ivfpq: learn a rotation (OPQ) before PQ, for lower quantisation error
+    # ivfpq: learn a rotation (OPQ) before PQ; on real patch embeddings (variance in ~16 of 192
+    # directions) it puts the true top 10 among far fewer PQ candidates (benchmarks/index.md)
+    opq: bool = True
     pq_bits: int = 8  # bits per sub-quantiser code: 8, or 4 (twice the sub-quantisers, fast to train)
-    nprobe: int = 32  # default IVF lists visited per query
-    rerank: int = 50  # ivfpq: re-rank k * rerank PQ candidates exactly (benchmarks/index.md: 10 is too few)
+    nprobe: int = 16  # default IVF lists visited per query (more lists only add PQ noise to the candidates)
+    rerank: int = 20  # ivfpq: re-rank k * rerank PQ candidates exactly from the grid store
     hnsw_m: int = 32  # HNSW neighbours per node
     ef_construction: int = 80  # HNSW build breadth
     ef_search: int = 128  # default HNSW search breadth
@@ -788,15 +791,20 @@ class PatchIndex:
         indexes = np.array([self._table.records[p].image_index for p in positions], dtype=np.int64)
         return pack_ids(indexes[:, None], np.arange(masks.shape[1])[None, :])[masks]
 
-    def _vectors(self, ids: np.ndarray) -> np.ndarray:
-        """(n,) packed ids -> (n, D) float32 from the grid store."""
+    def _vectors(self, ids: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+        """(n,) packed ids -> (n, D) from the grid store, one sorted gather per segment file."""
         images, patches = unpack_ids(ids)
-        segments = np.searchsorted(self._firsts, images, side="right") - 1
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for segment in np.unique(segments):
-            pick = segments == segment
-            flat = self._segments[segment].reshape(self._segments[segment].shape[0], -1, self.dim)
-            out[pick] = flat[images[pick] - self._firsts[segment], patches[pick]]
+        order = np.argsort(ids, kind="stable")  # ids sort by image, so each segment is one run
+        segments = np.searchsorted(self._firsts, images[order], side="right") - 1
+        bounds = np.flatnonzero(np.diff(segments)) + 1
+        out: np.ndarray = np.empty((len(ids), self.dim), dtype=dtype)
+        if len(ids) == 0:
+            return out
+        for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(ids)], strict=True):
+            run, segment = order[start:end], int(segments[start])
+            grid = self._segments[segment]
+            flat = grid.reshape(grid.shape[0], -1, self.dim)
+            out[run] = flat[images[run] - self._firsts[segment], patches[run]]
         return out
 
     def _exact_over(self, positions: np.ndarray, queries: np.ndarray, k: int
@@ -843,9 +851,11 @@ class PatchIndex:
     def _exact_scores(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Score FAISS candidates (Q, c) exactly from the grid store and keep the best k."""
         found = ids >= 0
-        vectors = np.zeros((*ids.shape, self.dim), dtype=np.float32)
-        vectors[found] = self._vectors(ids[found])
-        scores = np.einsum("qd,qcd->qc", queries, vectors)
+        if not found.any():
+            return _top_k(np.full(ids.shape, -np.inf, np.float32), ids, k)
+        safe = np.where(found, ids, ids.max())  # missing slots read any real row and are scored -inf
+        vectors = self._vectors(safe.ravel(), np.float16).reshape(*ids.shape, self.dim)  # (Q, c, D)
+        scores = np.matmul(vectors.astype(np.float32), queries[:, :, None])[:, :, 0]  # (Q, c)
         scores[~found] = -np.inf
         return _top_k(scores, ids, k)
 
