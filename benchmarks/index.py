@@ -307,7 +307,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.005, help="per-dimension jitter of repeated images")
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = the library default)")
     parser.add_argument("--train-size", type=int, default=200_000)
-    parser.add_argument("--ivf", nargs="+", default=["16/10", "16/20", "32/20", "64/50"],
+    parser.add_argument("--ivf", nargs="+", default=["8/10", "8/20", "16/20", "64/50"],
                         help="IVF-PQ search settings NPROBE/RERANK, each measured")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--opq", action=argparse.BooleanOptionalAction, default=None,
@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--stability", type=int, default=2,
                         help="query images for the float16 tie check (0 = skip)")
     parser.add_argument("--e2e-images", type=int, default=0)
+    parser.add_argument("--e2e-rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     ix.configure_faiss(threads=2)
@@ -332,7 +333,7 @@ def main() -> None:
         bench_size(work / f"n{size}", base, phantom_coords(encoder), queries, size, args)
         shutil.rmtree(work / f"n{size}", ignore_errors=True)
     if args.e2e_images:
-        bench_e2e(work, encoder_dir, encoder, args.e2e_images, rounds=2)
+        bench_e2e(work, encoder_dir, encoder, args.e2e_images, args.e2e_rounds)
 
 
 if __name__ == "__main__":

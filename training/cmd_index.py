@@ -69,7 +69,8 @@ def _index_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flat-max", type=int, default=ix.IndexParams.flat_max_patches)
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(patches))")
     parser.add_argument("--pq-bytes", type=int, default=ix.IndexParams.pq_bytes)
-    parser.add_argument("--opq", action="store_true", help="IVF-PQ: learn an OPQ rotation before PQ")
+    parser.add_argument("--opq", action=argparse.BooleanOptionalAction, default=ix.IndexParams.opq,
+                        help="IVF-PQ: learn an OPQ rotation before PQ")
     parser.add_argument("--nprobe", type=int, default=ix.IndexParams.nprobe, help="default lists probed")
     parser.add_argument("--rerank", type=int, default=ix.IndexParams.rerank,
                         help="IVF-PQ re-ranks k * RERANK candidates exactly")
