@@ -112,7 +112,7 @@ class IndexParams:
     hnsw_m: int = 32  # HNSW neighbours per node
     ef_construction: int = 80  # HNSW build breadth
     ef_search: int = 128  # default HNSW search breadth
-    train_size: int = 200_000  # patches sampled to train the coarse quantiser and PQ
+    train_size: int = 200_000  # patches sampled to train the quantisers (at least 40 per IVF list)
     seed: int = 0  # training sample seed
 
     def __post_init__(self) -> None:
@@ -374,7 +374,9 @@ def _new_index(kind: str, dim: int, num_patches: int, params: IndexParams) -> fa
 def _training_sample(sources: Sequence[tuple[np.ndarray, int, Sequence[ImageRecord]]], total: int,
                      params: IndexParams) -> np.ndarray:
     rng = np.random.default_rng(params.seed)
-    keep = min(1.0, params.train_size / max(total, 1))
+    # k-means needs >= 39 points per list: 4 sqrt(5M) = 8944 lists outgrow the 200k default sample
+    wanted = max(params.train_size, 40 * _nlist(params, total))
+    keep = min(1.0, wanted / max(total, 1))
     parts = []
     for grid, first, records in tqdm(sources, desc="training sample", unit="segment", leave=False):
         for vectors, _ in _segment_batches(grid, first, records):
