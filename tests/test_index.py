@@ -119,6 +119,13 @@ def test_ivfpq_without_rerank_is_worse_and_rerank_fixes_it(tmp_path: Path, corpu
     assert recall_at_k(reranked, queries, 10) >= 0.9
 
 
+def test_training_sample_grows_with_the_list_count(tmp_path: Path, corpus: list[Segment]) -> None:
+    # 64 lists need >= 39 x 64 = 2,496 training patches: more than train_size, fewer than the corpus
+    index = build(tmp_path, corpus, "ivfpq", nlist=64, pq_bytes=8, train_size=500)
+    assert index.manifest["index"]["nlist"] == 64
+    assert recall_at_k(index, queries_from(index, 32, seed=6), 10, nprobe=64) >= 0.9
+
+
 def test_auto_picks_by_size(built: dict[str, PatchIndex]) -> None:
     assert ix.resolve_kind(IndexParams(), 1_000_000) == "flat"
     assert ix.resolve_kind(IndexParams(), 1_000_001) == "ivfpq"
