@@ -6,10 +6,13 @@ artifacts/ace-cpu-phantoms-30min (else artifacts/ace-cpu-phantoms, else a random
 and cached in runs/index-bench/. Sizes beyond the distinct patches repeat the distinct set with small
 Gaussian jitter (sigma per dimension, renormalised); the run prints sigma against the measured
 nearest-neighbour distances. Queries: the patches of held-out phantom subjects (one image's 196
-patches per search call, k = 10). Speeds are measured interleaved (round-robin over index
+patches per search call, k = 10). Recall@10 against exact search is given strict (same patches) and
+tie-aware (hits within TIE_EPS cosine of the exact 10th score), plus how stable the exact top 10
+itself is below float16 precision (--stability). Speeds are measured interleaved (round-robin over index
 configurations, median of rounds) in one process, so the ratios against exact search are comparable.
 
     nice .venv/bin/python benchmarks/index.py --sizes 1000000 --types flat ivfpq hnsw
+    nice .venv/bin/python benchmarks/index.py --sizes 5000000 --types flat ivfpq --sigma 0.0004 --rounds 6
     nice .venv/bin/python benchmarks/index.py --sizes 0 --e2e-images 512   # build vs raw encoder throughput
 """
 
