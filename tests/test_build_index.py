@@ -136,6 +136,24 @@ def test_add_remove_publish_rollback_list_via_cli(tmp_path: Path, encoder_dir: P
     assert main(["index", "remove", "--image-ids", "nope", "--root", root]) == 2
 
 
+def test_threaded_decoding_keeps_order_and_reports_bad_files(tmp_path: Path, dataset: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    items = [*bi.collect_sources(dataset), bi.ImageSource("broken", broken)]
+    decoded = bi.DecodedImages(items, 64, 4)
+    positions = [6, 0, 3, 5, 1, 2, 4]
+    inline = list(bi.decoded_batches(decoded, positions, 3, workers=0))
+    threaded = list(bi.decoded_batches(decoded, positions, 3, workers=2))
+    assert [[s["position"] for s in b] for b in threaded] == [[6, 0, 3], [5, 1, 2], [4]]
+    flat = [[sample for batch in batches for sample in batch] for batches in (threaded, inline)]
+    for mine, theirs in zip(*flat, strict=True):
+        assert (mine["error"] is None) == (theirs["error"] is None)
+        assert mine["error"] is None or "broken.png" in mine["error"]
+        if mine["error"] is None:
+            assert mine["thumbnail"] == theirs["thumbnail"]
+            assert bool((mine["tensor"] == theirs["tensor"]).all())
+
+
 def test_sources_folder_list_file_and_duplicates(tmp_path: Path, dataset: Path) -> None:
     items = bi.collect_sources(dataset / "images")
     assert [i.image_id for i in items] == [f"im{i}" for i in range(len(SIZES))]
