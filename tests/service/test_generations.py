@@ -164,7 +164,9 @@ def test_batches_never_mix_encoders() -> None:
     batcher = Batcher(BatcherConfig(8, 50.0, 64, torch.device("cpu"), False), lambda size, depth: None)
     batcher.start()
     try:
-        results = asyncio.run(_embed_interleaved(batcher, encoders, images))
+        # a thread of its own: the browser tests' sync Playwright keeps an event loop in this one
+        with ThreadPoolExecutor(1) as pool:
+            results = pool.submit(asyncio.run, _embed_interleaved(batcher, encoders, images)).result()
     finally:
         batcher.stop()
     for n, patches in enumerate(results):
