@@ -42,6 +42,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from ace_model.encoder import ENCODER_STORE
 from ace_model.preprocess import CoordinateMap
 
 INDEX_FORMAT = 1
@@ -60,6 +61,7 @@ INDEX_TYPES = ("auto", "flat", "ivfpq", "hnsw")
 DEFAULT_KEEP = 3  # published versions kept on disk (plus the current and its rollback target)
 EXACT_RESTRICT_MAX_PATCHES = 50_000  # restrictions this small scan grid rows instead of FAISS
 EXCLUDE_OVERFETCH_MAX = 4096  # exclusions this small over-fetch and filter (keeps BLAS search)
+STORE_GRACE_S = 24 * 3600  # a stored encoder younger than this is kept: a build may be using it
 ADD_BATCH_IMAGES = 512  # images per chunk read from the grid store while indexing
 
 
@@ -228,7 +230,20 @@ def prune(root: str | Path, keep: int = DEFAULT_KEEP) -> list[str]:
     doomed = [v for v in versions if v not in protected]
     for version in doomed:
         shutil.rmtree(version_dir(root, version), ignore_errors=True)
+    _prune_encoder_store(root)
     return doomed
+
+
+def _prune_encoder_store(root: Path) -> None:
+    """Drop stored encoders no kept version was built by; young ones may belong to a running build."""
+    store = root / ENCODER_STORE
+    if not store.is_dir():
+        return
+    used = {_read_manifest(version_dir(root, v)).get("encoder_fingerprint") for v in list_versions(root)}
+    cutoff = time.time() - STORE_GRACE_S
+    for folder in store.iterdir():
+        if folder.name not in used and not folder.name.startswith(".") and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

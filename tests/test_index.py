@@ -3,12 +3,15 @@ search: recall of every approximate configuration, round trips, id decoding, ver
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ace_model import index as ix
+from ace_model.encoder import ENCODER_STORE
 from ace_model.index import (
     EncoderMismatchError,
     ImageRecord,
@@ -272,6 +275,18 @@ def test_prune_keeps_current_and_rollback_target(tmp_path: Path, corpus: list[Se
     ix.publish(tmp_path, versions[1])
     ix.publish(tmp_path, versions[2], keep=1)  # keeps the newest, the current and its rollback target
     assert ix.list_versions(tmp_path) == versions[1:]
+
+
+def test_prune_drops_stored_encoders_no_kept_version_uses(tmp_path: Path, corpus: list[Segment]) -> None:
+    store = tmp_path / ENCODER_STORE
+    for name in (FINGERPRINT, "old-unused", "young-unused"):
+        (store / name).mkdir(parents=True)
+    two_days_ago = time.time() - 2 * 86400
+    for name in (FINGERPRINT, "old-unused"):
+        os.utime(store / name, (two_days_ago, two_days_ago))
+    ix.publish(tmp_path, ix.create_version(tmp_path, corpus[:1], FINGERPRINT))
+    # the version's own encoder stays; a young one may belong to a build still running
+    assert sorted(p.name for p in store.iterdir()) == sorted([FINGERPRINT, "young-unused"])
 
 
 def test_publish_unknown_version_fails(tmp_path: Path) -> None:
