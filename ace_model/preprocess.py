@@ -120,7 +120,7 @@ def _minmax(values: np.ndarray) -> np.ndarray:
 
 
 def _to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(grey[:, :, None], 3, axis=2).astype(np.float32)
+    return np.repeat(grey.astype(np.float32, copy=False)[:, :, None], 3, axis=2)
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
@@ -269,13 +269,19 @@ def _fit(width: int, height: int, size: int) -> tuple[int, int]:
 def letterbox_tensor(image: DecodedImage, size: int) -> torch.Tensor:
     """(H, W, 3) [0,1] -> (3, size, size) normalised model input, content centred."""
     new_w, new_h = _fit(image.width, image.height, size)
-    pixels = torch.from_numpy(np.ascontiguousarray(image.pixels)).permute(2, 0, 1)[None]
+    channels = image.pixels[:, :, :1] if _is_grey(image.pixels) else image.pixels  # grey: resize once
+    pixels = torch.from_numpy(np.ascontiguousarray(channels)).permute(2, 0, 1)[None]  # (1, C, H, W)
     resized = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear",
                             align_corners=False, antialias=True)[0]
     canvas = torch.zeros(3, size, size)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    canvas[:, top : top + new_h, left : left + new_w] = resized.clamp(0, 1)
+    canvas[:, top : top + new_h, left : left + new_w] = resized.clamp(0, 1)  # (1|3, h, w) -> 3
     return (canvas - PIXEL_MEAN) / PIXEL_STD
+
+
+def _is_grey(pixels: np.ndarray) -> bool:
+    return bool(np.array_equal(pixels[:, :, 0], pixels[:, :, 1])
+                and np.array_equal(pixels[:, :, 0], pixels[:, :, 2]))
 
 
 def prepare(image: DecodedImage, size: int, grid: int) -> tuple[torch.Tensor, CoordinateMap]:
