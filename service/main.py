@@ -97,7 +97,7 @@ def _start(settings: Settings, app_metrics: Metrics) -> AppState:
     batcher = Batcher(config, app_metrics.observe_batch)
     batcher.start()
 
-    def load_ready(directory: Path, fingerprint: str | None = None) -> Encoder:
+    def load_ready(directory: Path, fingerprint: str) -> Encoder:
         return batcher.prepare(load_encoder(directory, expected_fingerprint=fingerprint))
 
     encoder = load_encoder(settings.encoder).to(device).eval()  # warmed up by the lifespan

@@ -381,8 +381,7 @@ def run_build(encoder_dir: str | Path, source: str | Path | Sequence[str | Path]
               ) -> BuildSummary:
     """Embed this shard's chunks; when every chunk is done (or merge_only), write the version."""
     start, root, options = time.perf_counter(), Path(root), options or EmbedOptions()
-    encoder = load_encoder(encoder_dir)
-    store_artifact(encoder_dir, root / ENCODER_STORE)  # readers find it by the version's fingerprint
+    encoder = _load_and_store(encoder_dir, root)
     plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint, 0, chunk_size)
     timings: dict[str, float] = {}
     if not merge_only:
@@ -395,6 +394,13 @@ def run_build(encoder_dir: str | Path, source: str | Path | Sequence[str | Path]
     version = ix.create_version(root, segments, encoder.fingerprint, params, config, timings)
     _finish(root, version, plan, publish, keep)
     return _summary(root, version, plan, failed, start)
+
+
+def _load_and_store(encoder_dir: str | Path, root: Path) -> Encoder:
+    """Load the encoder and keep a copy in the root's store: readers find it by a version's fingerprint."""
+    encoder = load_encoder(encoder_dir)
+    store_artifact(encoder_dir, root / ENCODER_STORE)
+    return encoder
 
 
 def _build_config(encoder_dir: str | Path, source: Any, metadata: Any, options: EmbedOptions,
@@ -422,14 +428,13 @@ def run_add(source: str | Path | Sequence[str | Path], root: str | Path,
     if base is None:
         raise ix.IndexNotFoundError(f"no published index under {root} to add to; build one first")
     manifest = json.loads((ix.version_dir(root, base) / ix.MANIFEST_FILE).read_text())
-    encoder = load_encoder(encoder_dir or manifest["build"]["encoder"])
-    store_artifact(encoder_dir or manifest["build"]["encoder"], root / ENCODER_STORE)
+    encoder_path = encoder_dir or manifest["build"]["encoder"]
+    encoder = _load_and_store(encoder_path, root)
     plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint,
                      manifest["next_image_index"])
     embed_chunks(plan, encoder, options)
     segments, failed = _segments(plan)
-    config = _build_config(encoder_dir or manifest["build"]["encoder"], source, metadata, options,
-                           plan.chunk_size, failed)
+    config = _build_config(encoder_path, source, metadata, options, plan.chunk_size, failed)
     version = ix.extend_version(root, segments, base, encoder.fingerprint, config)
     _finish(root, version, plan, publish, keep)
     return _summary(root, version, plan, failed, start)
