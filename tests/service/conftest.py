@@ -95,6 +95,14 @@ def build_index(root: Path, encoder_path: Path, images: dict[str, bytes], work: 
     return version
 
 
+def wait_for(condition: Callable[[], bool], seconds: float = 30, what: str = "condition not met") -> None:
+    """Poll `condition` until it holds; fail with `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds:.0f} s"
+        time.sleep(0.05)
+
+
 @contextmanager
 def running_server(settings: Settings) -> Iterator[str]:
     """Serve create_app(settings) with uvicorn on a free loopback port; yields the base URL."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,14 @@ from ace_model.encoder import Encoder, load_encoder
 from ace_model.index import rollback
 from service.batcher import Batcher, BatcherConfig
 from service.config import Settings
-from tests.service.conftest import block_texture, build_index, identity_encoder, png_bytes, running_server
+from tests.service.conftest import (
+    block_texture,
+    build_index,
+    identity_encoder,
+    png_bytes,
+    running_server,
+    wait_for,
+)
 from training.build_index import EmbedOptions
 from training.build_index import build_index as ace_index_build
 
@@ -74,12 +80,18 @@ def served_pair(response: httpx.Response) -> tuple[str, str]:
     return body["encoder"], body["index_version"]
 
 
-def test_new_encoder_and_its_index_swap_in_together_under_load(
-    settings_for: Callable[..., Settings], tmp_path: Path, deployed_encoder: Path, images: Path,
-) -> None:
+@pytest.fixture
+def published(tmp_path: Path, deployed_encoder: Path, images: Path) -> tuple[Path, str, str]:
+    """(index root, version, encoder fingerprint) after the index job ran with encoder 0."""
     root = tmp_path / "index"
-    first = index_job(deployed_encoder, images, root)
-    old_fp = load_encoder(deployed_encoder).fingerprint
+    return root, index_job(deployed_encoder, images, root), load_encoder(deployed_encoder).fingerprint
+
+
+def test_new_encoder_and_its_index_swap_in_together_under_load(
+    settings_for: Callable[..., Settings], deployed_encoder: Path, images: Path,
+    published: tuple[Path, str, str],
+) -> None:
+    root, first, old_fp = published
     with running_server(settings_for(encoder=deployed_encoder, index_root=root)) as url, \
             httpx.Client(base_url=url, timeout=120) as client:
         stop, responses = threading.Event(), []
@@ -90,11 +102,11 @@ def test_new_encoder_and_its_index_swap_in_together_under_load(
 
         with ThreadPoolExecutor(4) as pool:
             running = [pool.submit(load) for _ in range(4)]
-            _wait_for(lambda: len(responses) >= 4)  # requests are flowing before the retrain lands
+            wait_for(lambda: len(responses) >= 4, 120, "requests flowing before the retrain")
             new_fp = identity_encoder(1).save(deployed_encoder)  # `ace export` over the volume
             second = index_job(deployed_encoder, images, root)
             reload = client.post("/admin/reload")
-            _wait_for(lambda: _count(responses, second) >= 4)  # and go on after the swap
+            wait_for(lambda: _count(responses, second) >= 4, 120, "answers from the new pair")
             stop.set()
             for future in running:
                 future.result()
@@ -108,23 +120,14 @@ def test_new_encoder_and_its_index_swap_in_together_under_load(
         assert served_pair(match(client)) == (old_fp, first)
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "requests stopped flowing"
-        time.sleep(0.05)
-
-
 def _count(responses: list[httpx.Response], version: str) -> int:
     return sum(r.status_code == 200 and r.json()["index_version"] == version for r in list(responses))
 
 
 def test_a_restart_serves_the_published_version_with_its_stored_encoder(
-    settings_for: Callable[..., Settings], tmp_path: Path, deployed_encoder: Path, images: Path,
+    settings_for: Callable[..., Settings], deployed_encoder: Path, published: tuple[Path, str, str],
 ) -> None:
-    root = tmp_path / "index"
-    first = index_job(deployed_encoder, images, root)
-    old_fp = load_encoder(deployed_encoder).fingerprint
+    root, first, old_fp = published
     identity_encoder(1).save(deployed_encoder)  # retrained and exported; the index job not run yet
     settings = settings_for(encoder=deployed_encoder, index_root=root)
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from service.config import Settings
-from tests.service.conftest import block_texture, build_index, png_bytes, running_server
+from tests.service.conftest import block_texture, build_index, png_bytes, running_server, wait_for
 
 IMAGE = png_bytes(block_texture(7, 96, 80))
 OTHER = png_bytes(block_texture(8, 96, 80))
@@ -65,7 +64,7 @@ def test_ready_waits_for_a_configured_index(settings_for: Callable[..., Settings
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/ready").status_code == 503
         build_index(tmp_path / "index", encoder_dir, {"a": IMAGE}, tmp_path / "work")
-        _wait_for(lambda: client.get("/ready").status_code == 200)
+        wait_for(lambda: client.get("/ready").status_code == 200)
 
 
 def test_32_concurrent_requests_succeed_in_batches(settings_for: Callable[..., Settings]) -> None:
@@ -139,14 +138,7 @@ def test_poller_picks_up_a_new_version(settings_for: Callable[..., Settings], tm
     with running_server(settings_for(index_root=root, poll_interval_s=0.2)) as url, \
             httpx.Client(base_url=url, timeout=60) as client:
         second = build_index(root, encoder_dir, {"a": IMAGE, "b": OTHER}, tmp_path / "work")
-        _wait_for(lambda: client.get("/info").json()["index"]["version"] == second)
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
+        wait_for(lambda: client.get("/info").json()["index"]["version"] == second)
 
 
 @pytest.mark.gpu
