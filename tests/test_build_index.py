@@ -64,7 +64,9 @@ def test_build_decodes_hits_to_image_and_pixels(tmp_path: Path, encoder_dir: Pat
     assert (hit.image_id, hit.row, hit.col) == ("im3", row, col)
     np.testing.assert_allclose([hit.x, hit.y], coords.from_grid(np.array([col, row])))
     thumb = index.thumbnail_path("im3")
-    assert thumb is not None and Image.open(thumb).size == (120, 60)
+    assert thumb is not None and thumb.suffix == ".jpg"
+    preview = Image.open(thumb)
+    assert preview.format == "JPEG" and preview.mode == "L" and preview.size == (120, 60)
     assert not any((tmp_path / ix.BUILDING_DIR).iterdir())
 
 

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pydicom
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -19,8 +20,10 @@ from ace_model.preprocess import (
     DecodedImage,
     ImageDecodeError,
     decode_image,
+    letterbox_tensor,
     load_image,
     prepare,
+    thumbnail_jpeg,
 )
 
 SIZES = st.sampled_from([(64, 4), (224, 14), (448, 14)])
@@ -130,6 +133,24 @@ def test_png_8bit_grey_and_rgb() -> None:
     np.testing.assert_allclose(decoded.pixels[..., 1], grey / 255.0, atol=1e-7)
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
     np.testing.assert_allclose(decode_image(png_bytes(rgb)).pixels, rgb / 255.0, atol=1e-7)
+
+
+def test_grey_is_one_channel_seen_three_times_and_letterboxes_like_a_copy() -> None:
+    grey = np.random.default_rng(1).integers(0, 256, size=(40, 30), dtype=np.uint8)
+    decoded = decode_image(png_bytes(grey))
+    assert decoded.pixels.strides[2] == 0 and not decoded.pixels.flags.writeable  # a view, no copies
+    copy = DecodedImage(np.repeat(grey[:, :, None] / np.float32(255), 3, axis=2).astype(np.float32), "png")
+    torch.testing.assert_close(letterbox_tensor(decoded, 32), letterbox_tensor(copy, 32), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_thumbnail_is_a_jpeg_that_keeps_aspect_and_pixels(mode: str) -> None:
+    ramp = np.tile(np.linspace(0, 255, 900).astype(np.uint8), (300, 1))  # 900 x 300, smooth
+    pixels = ramp if mode == "L" else np.stack([ramp, ramp[:, ::-1], np.full_like(ramp, 128)], axis=2)
+    preview = Image.open(io.BytesIO(thumbnail_jpeg(decode_image(png_bytes(pixels)), 300)))
+    assert preview.format == "JPEG" and preview.mode == mode and preview.size == (300, 100)
+    expected = np.asarray(Image.fromarray(pixels).resize((300, 100), Image.Resampling.BICUBIC), dtype=float)
+    assert np.abs(np.asarray(preview, dtype=float) - expected).mean() < 2.0  # quality 90: near-lossless
 
 
 def test_png_16bit_uses_its_full_range() -> None:

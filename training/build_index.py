@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import itertools
 import json
 import os
 import shutil
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,15 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ace_model import index as ix
 from ace_model.encoder import ENCODER_STORE, Encoder, load_encoder, store_artifact
-from ace_model.preprocess import CoordinateMap, ImageDecodeError, load_image, prepare
+from ace_model.preprocess import CoordinateMap, ImageDecodeError, load_image, prepare, thumbnail_jpeg
 from training.data import find_images, read_list_file
 
-THUMBNAIL_SIDE = 512
 DEFAULT_CHUNK = 256  # images per resumable chunk
 
 
@@ -157,17 +153,7 @@ class DecodedImages:
             return {"position": position, "error": f"{item.path}: {err}"}
         tensor, coords = prepare(image, self.size, self.grid)
         return {"position": position, "error": None, "tensor": tensor, "coords": coords,
-                "patient_id": item.patient_id or image.patient_id, "thumbnail": _thumbnail(image.pixels)}
-
-
-def _thumbnail(pixels: np.ndarray) -> bytes:
-    image = Image.fromarray((np.clip(pixels[:, :, 0], 0, 1) * 255).astype(np.uint8), mode="L")
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    buffer = io.BytesIO()
-    # zlib level 1 with run-length matching: same pixels, 5 % smaller files and ~5x less CPU than the
-    # default level 6, which cost as much per image as the vit_tiny forward pass (benchmarks/index.md)
-    image.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    return buffer.getvalue()
+                "patient_id": item.patient_id or image.patient_id, "thumbnail": thumbnail_jpeg(image)}
 
 
 def decoded_batches(dataset: DecodedImages, positions: Sequence[int], batch_size: int, workers: int
@@ -263,7 +249,7 @@ class ChunkWriter:
         (tmp / "thumbs").mkdir(parents=True)
         np.save(tmp / "grid.npy", self.grids)
         for image_index, data in self.thumbs.items():
-            (tmp / "thumbs" / f"{image_index}.png").write_bytes(data)
+            (tmp / "thumbs" / f"{image_index}{ix.THUMB_SUFFIX}").write_bytes(data)
         (tmp / "records.json").write_text(json.dumps({"records": self.records, "failed": self.failed}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -290,11 +276,23 @@ def _record(row: dict[str, Any]) -> ix.ImageRecord:
 @dataclass(frozen=True)
 class EmbedOptions:
     batch_size: int = 16  # images per forward pass
-    num_workers: int = 2  # decoding threads running beside inference (0 = decode inline)
+    num_workers: int | None = None  # decoding threads beside inference (0 = inline, None = by core count)
     bf16: bool = False  # bfloat16 autocast (1.6-1.9x on CPUs with AVX512_BF16 for larger backbones)
     num_shards: int = 1  # chunks are split round-robin between shards
     shard: int = 0  # this process's shard
     show_progress: bool = True
+
+
+def default_decode_threads() -> int:
+    """Decoding threads beside the encoder: the cores torch's threads leave free (there decoding
+    costs the encoder nothing: 0.94 of raw encoder throughput, benchmarks/index.md); with none free,
+    inline on small hosts, where threads only take CPU from the encoder (2 of 2 cores: 0.68-0.71
+    with 0, 1 or 2 threads), else 2, a small share of many cores."""
+    cores = len(os.sched_getaffinity(0))
+    free = cores - torch.get_num_threads()
+    if free > 0:
+        return min(free, 4)
+    return 0 if cores <= 4 else 2
 
 
 def pending_chunks(plan: EmbedPlan, options: EmbedOptions) -> list[int]:
@@ -310,7 +308,8 @@ def embed_chunks(plan: EmbedPlan, encoder: Encoder, options: EmbedOptions) -> in
     dataset = DecodedImages(plan.items, encoder.spec.img_size, encoder.grid)
     writers = {c: ChunkWriter(plan, c, encoder.grid, encoder.dim) for c in chunks}
     with tqdm(total=len(positions), desc="embedding", unit="img", disable=not options.show_progress) as bar:
-        for batch in decoded_batches(dataset, positions, options.batch_size, options.num_workers):
+        threads = default_decode_threads() if options.num_workers is None else options.num_workers
+        for batch in decoded_batches(dataset, positions, options.batch_size, threads):
             _embed_batch(batch, encoder, options, plan, writers)
             bar.update(len(batch))
     return len(positions)

@@ -57,7 +57,9 @@ def _embedding_args(parser: argparse.ArgumentParser) -> None:
                         help="folders (recursive PNG/JPEG/DICOM), list files or landmark data set dirs")
     parser.add_argument("--metadata", help="CSV with image or image_id, and patient_id columns")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads (0 = inline)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads (0 = inline; default: the cores the encoder leaves free, "
+                             "inline on <= 4 cores)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the encoder")
     parser.add_argument("--publish", action="store_true", help="publish the new version when done")
     parser.add_argument("--keep", type=int, default=ix.DEFAULT_KEEP, help="versions kept on disk")

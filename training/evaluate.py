@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from ace_model.encoder import Embeddings, Encoder, EncoderSpec
 from ace_model.match import Refinement, argmax_2d, locate, refine_peak
-from ace_model.preprocess import CoordinateMap, DecodedImage, letterbox_tensor, load_image, prepare
+from ace_model.preprocess import (
+    CoordinateMap,
+    DecodedImage,
+    grey_to_rgb,
+    is_grey,
+    letterbox_tensor,
+    load_image,
+    prepare,
+)
 from training.landmarks import LandmarkImage, read_landmark_set
 
 SUCCESS_THRESHOLDS_PCT = (2.0, 5.0)  # success = radial error within this % of the diagonal
@@ -357,8 +365,11 @@ def point_grid(width: int, height: int, per_side: int, margin: float = 0.15) -> 
 
 def warp_image(image: DecodedImage, tform: AffineTransform) -> DecodedImage:
     """The image resampled so that original point p lands on map_points(tform, p); black outside."""
-    warped = warp(image.pixels, tform.inverse, order=1, mode="constant", cval=0.0, preserve_range=True)
-    return DecodedImage(warped.astype(np.float32), image.format)
+    grey = is_grey(image.pixels)
+    source = np.array(image.pixels[:, :, 0] if grey else image.pixels)  # skimage's Cython needs it writable
+    warped = warp(source, tform.inverse, order=1, mode="constant", cval=0.0, preserve_range=True)
+    warped = warped.astype(np.float32)
+    return DecodedImage(grey_to_rgb(warped) if grey else warped, image.format)
 
 
 def map_points(tform: AffineTransform, xy: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from ace_model.preprocess import (
     decode_image,
     load_image,
     prepare,
+    thumbnail_jpeg,
 )
 from service.batcher import QueueFullError
 from service.errors import ApiError, from_decode_error, invalid
@@ -45,9 +46,10 @@ router = APIRouter(tags=["viewer"])
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
-THUMBNAIL_SIDE = 512  # longest side of a generated thumbnail, as the index builder writes them
 PREVIEW_SIDE = 1024  # longest side of a /preview PNG
 PNG_OK: dict[int | str, dict[str, object]] = {200: {"content": {"image/png": {}}}}
+THUMBNAIL_OK: dict[int | str, dict[str, object]] = {200: {"content": {"image/jpeg": {}, "image/png": {}}}}
+THUMBNAIL_TYPES = {".jpg": "image/jpeg", ".png": "image/png"}  # index versions before 2026-11-27: PNG
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
@@ -59,7 +61,7 @@ class ImageInfo(BaseModel):
     patient_id: str | None
     width: int = Field(description="original width in pixels (the coordinate system of matches)")
     height: int = Field(description="original height in pixels")
-    thumbnail: str = Field(description="URL of a downscaled PNG")
+    thumbnail: str = Field(description="URL of a preview (JPEG, <= 512 px)")
 
 
 class ImageList(BaseModel):
@@ -133,17 +135,17 @@ async def list_images(
 # Image ids may contain "/" (sent as %2F): the thumbnail route is declared first so that
 # ".../thumbnail" is never read as part of an id.
 @router.get("/images/{image_id:path}/thumbnail", response_class=Response,
-            responses={**PNG_OK, **_errors(404)})
+            responses={**THUMBNAIL_OK, **_errors(404)})
 async def thumbnail(request: Request, image_id: str) -> Response:
     with app_state(request).served.lease() as generation:
         index = generation.index
         indexed = _indexed(index, image_id)
         stored = indexed.thumbnail_path(image_id)
-        if stored is not None:
-            data = await run_in_threadpool(stored.read_bytes)
-        else:
+        if stored is None:
             data = await run_in_threadpool(_thumbnail_from_source, indexed, image_id)
-    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
+        data = await run_in_threadpool(stored.read_bytes)
+    return Response(data, media_type=THUMBNAIL_TYPES[stored.suffix], headers={"Cache-Control": "max-age=300"})
 
 
 @router.get("/images/{image_id:path}", response_model=ImageInfo, responses=_errors(404))
@@ -171,7 +173,7 @@ def _image_info(index: PatchIndex, image_id: str) -> ImageInfo:
 def _thumbnail_from_source(index: PatchIndex, image_id: str) -> bytes:
     source = index.record(image_id).source
     try:
-        return _png(load_image(source), THUMBNAIL_SIDE)
+        return thumbnail_jpeg(load_image(source))
     except (OSError, ImageDecodeError) as err:
         raise ApiError(404, f"image {image_id!r} has no stored thumbnail and its source {source} "
                             f"cannot be read ({err}); rebuild the index to store thumbnails") from err
