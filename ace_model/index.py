@@ -8,7 +8,7 @@ Root layout (docs/index.md has the user's view):
         index.faiss               FAISS index over packed ids
         grid/<first>.npy          float16 (n, h, w, D) patch grids, memory-mapped; rows are image indexes
         meta.sqlite               one row per image: ids, source, size, CoordinateMap, valid mask
-        thumbnails/<index>.png    <= 512 px previews for the viewer
+        thumbnails/<index>.jpg    <= 512 px previews for the viewer (.png in older versions)
     ROOT/.building/<version>/     work in progress, renamed into versions/ only when complete
 
 A FAISS id packs (image_index, patch_index): id = image_index << PATCH_BITS | patch_index, with
@@ -57,6 +57,8 @@ FAISS_FILE = "index.faiss"
 DB_FILE = "meta.sqlite"
 GRID_DIR = "grid"
 THUMB_DIR = "thumbnails"
+THUMB_SUFFIX = ".jpg"
+_THUMB_SUFFIXES = (THUMB_SUFFIX, ".png")  # versions built before 2026-11-27 hold PNG previews
 INDEX_TYPES = ("auto", "flat", "ivfpq", "hnsw")
 DEFAULT_KEEP = 3  # published versions kept on disk (plus the current and its rollback target)
 EXACT_RESTRICT_MAX_PATCHES = 50_000  # restrictions this small scan grid rows instead of FAISS
@@ -96,7 +98,7 @@ class PatchHit:
     col: int
     x: float  # patch centre in the hit image's original pixels
     y: float
-    score: float  # inner product of unit vectors (cosine similarity)
+    score: float  # cosine similarity of the query and the stored patch vector
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,14 @@ class IndexParams:
     flat_max_patches: int = 1_000_000  # auto picks flat up to this many patches, ivfpq beyond
     nlist: int = 0  # IVF lists; 0 = 4 * sqrt(num_patches) clipped to [16, 65536]
     pq_bytes: int = 48  # PQ code bytes per patch (sub-quantiser count rounded to a divisor of D)
-    # ivfpq: learn a rotation (OPQ) before PQ; on real patch embeddings (variance in ~16 of 192
-    # directions) it puts the true top 10 among far fewer PQ candidates (benchmarks/index.md)
+    # ivfpq: learn a rotation (OPQ) before PQ; on trained patch embeddings (variance in ~16 of 192
+    # directions) plain PQ's 4-dimension sub-spaces split it badly (benchmarks/index.md)
     opq: bool = True
     pq_bits: int = 8  # bits per sub-quantiser code: 8, or 4 (twice the sub-quantisers, fast to train)
-    nprobe: int = 8  # default IVF lists visited per query (more lists only add PQ noise to the candidates)
-    rerank: int = 20  # ivfpq: re-rank k * rerank PQ candidates exactly from the grid store
+    # defaults: recall@10 0.993 / 0.985 at 1M / 5M patches (benchmarks/index.md); with L2 candidates
+    # a deeper re-rank adds nothing, more lists probed a little
+    nprobe: int = 16  # default IVF lists visited per query
+    rerank: int = 10  # ivfpq: re-rank k * rerank PQ candidates exactly from the grid store
     hnsw_m: int = 32  # HNSW neighbours per node
     ef_construction: int = 80  # HNSW build breadth
     ef_search: int = 128  # default HNSW search breadth
@@ -131,7 +135,7 @@ class Segment:
     grid_file: Path  # .npy float16 (count, h, w, D); rows of images without a record are ignored
     first: int  # image index of the file's first row
     records: tuple[ImageRecord, ...]  # images of this segment, image_index set
-    thumbnails: Path | None = None  # directory holding <image_index>.png
+    thumbnails: Path | None = None  # directory holding <image_index>.jpg (or .png)
 
 
 # ----------------------------------------------------------------------------- ids and FAISS setup
@@ -329,15 +333,22 @@ def _open_grid(path: Path) -> np.ndarray:
 
 def _segment_batches(grid: np.ndarray, first: int, records: Sequence[ImageRecord]
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (vectors (m, D) float32, ids (m,)) of the valid patches, a few hundred images at a time."""
+    """Yield (unit vectors (m, D) float32, ids (m,)) of the valid patches, a few hundred images at a time."""
     flat = grid.reshape(grid.shape[0], -1, grid.shape[-1])  # (n, P, D)
     for start in range(0, len(records), ADD_BATCH_IMAGES):
         batch = records[start : start + ADD_BATCH_IMAGES]
         indexes = np.array([r.image_index for r in batch], dtype=np.int64)
         masks = np.stack([r.coords.valid_patches() for r in batch])  # (b, P)
-        vectors = np.asarray(flat[indexes - first], dtype=np.float32)[masks]
+        vectors = unit_rows(np.asarray(flat[indexes - first], dtype=np.float32)[masks])
         ids = pack_ids(indexes[:, None], np.arange(masks.shape[1])[None, :])[masks]
         yield np.ascontiguousarray(vectors), ids
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to norm 1. Every score is a cosine: float16 storage leaves norms off by up to
+    ~1e-4, as much as the gap between a query's 10th and 100th neighbour, so inner products of
+    stored rows would rank near-ties by rounding noise rather than by direction."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
 def _count_patches(records: Iterable[ImageRecord]) -> int:
@@ -376,8 +387,12 @@ def _factory_string(kind: str, dim: int, num_patches: int, params: IndexParams) 
 
 
 def _new_index(kind: str, dim: int, num_patches: int, params: IndexParams) -> faiss.Index:
-    index = faiss.index_factory(dim, _factory_string(kind, dim, num_patches, params),
-                                faiss.METRIC_INNER_PRODUCT)
+    # IVF-PQ ranks its candidates by L2 between unit vectors (cosine order; the exact re-rank gives
+    # the scores): the PQ error of an inner product <q, x^> is dominated by the component along
+    # q ~ x, which the L2 distance |q - x^| cancels (benchmarks/index.md: recall@10 at the same
+    # re-rank depth 0.55 -> 0.9+ on trained patch embeddings).
+    metric = faiss.METRIC_L2 if kind == "ivfpq" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.index_factory(dim, _factory_string(kind, dim, num_patches, params), metric)
     if kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efConstruction = params.ef_construction  # type: ignore[attr-defined]
     if kind == "ivfpq":  # the factory turns on polysemous training: minutes for Hamming codes we never use
@@ -430,14 +445,21 @@ def _build_faiss(sources: Sequence[tuple[np.ndarray, int, Sequence[ImageRecord]]
 # ----------------------------------------------------------------------------- writing versions
 
 
+def find_thumbnail(folder: Path, image_index: int) -> Path | None:
+    for suffix in _THUMB_SUFFIXES:
+        if (path := folder / f"{image_index}{suffix}").is_file():
+            return path
+    return None
+
+
 def _copy_segment(segment: Segment, work: Path) -> dict[str, Any]:
     grid = _open_grid(segment.grid_file)
     name = f"{segment.first:012d}.npy"
     _link_or_copy(segment.grid_file, work / GRID_DIR / name)
     if segment.thumbnails is not None:
         for record in segment.records:
-            thumb = segment.thumbnails / f"{record.image_index}.png"
-            if thumb.is_file():
+            thumb = find_thumbnail(segment.thumbnails, record.image_index)
+            if thumb is not None:
                 _link_or_copy(thumb, work / THUMB_DIR / thumb.name)
     return {"file": name, "first": segment.first, "count": int(grid.shape[0])}
 
@@ -464,7 +486,8 @@ def _write_manifest(work: Path, manifest: dict[str, Any]) -> None:
 
 
 def _index_manifest(kind: str, params: IndexParams, index: faiss.Index) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": kind, "params": asdict(params), "factory": ""}
+    metric = "l2" if index.metric_type == faiss.METRIC_L2 else "inner product"
+    info: dict[str, Any] = {"type": kind, "params": asdict(params), "factory": "", "metric": metric}
     if kind == "ivfpq":
         ivf = faiss.extract_index_ivf(index)
         info.update(nlist=int(ivf.nlist), pq_m=int(faiss.downcast_index(ivf).pq.M))  # type: ignore[attr-defined]
@@ -742,8 +765,7 @@ class PatchIndex:
         return self._table.valid[self._table.by_id[image_id]].reshape(self.grid_shape)
 
     def thumbnail_path(self, image_id: str) -> Path | None:
-        path = self.directory / THUMB_DIR / f"{self.record(image_id).image_index}.png"
-        return path if path.is_file() else None
+        return find_thumbnail(self.directory / THUMB_DIR, self.record(image_id).image_index)
 
     def close(self) -> None:
         self._index = None  # type: ignore[assignment]
@@ -778,12 +800,12 @@ class PatchIndex:
         return self._hits(*self._faiss_search(queries, k, allowed, excluded, nprobe, rerank))
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
-        queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}) for this index, got {queries.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return queries
+        return np.ascontiguousarray(unit_rows(queries))
 
     def _positions(self, image_ids: Iterable[str], strict: bool) -> np.ndarray:
         ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
@@ -828,7 +850,7 @@ class PatchIndex:
     def _exact_over(self, positions: np.ndarray, queries: np.ndarray, k: int
                     ) -> tuple[np.ndarray, np.ndarray]:
         ids = self._ids_of(positions)
-        scores = queries @ self._vectors(ids).T  # (Q, n)
+        scores = queries @ unit_rows(self._vectors(ids)).T  # (Q, n)
         return _top_k(scores, np.broadcast_to(ids, scores.shape), k)
 
     def _faiss_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, excluded: np.ndarray,
@@ -874,8 +896,10 @@ class PatchIndex:
         safe = np.where(found, ids, ids.max())  # missing slots read any real row and are scored -inf
         vectors = self._vectors(safe.ravel(), np.float16).reshape(*ids.shape, self.dim)  # (Q, c, D)
         # torch converts float16 several times faster than NumPy's astype
-        product = torch.matmul(torch.from_numpy(vectors).float(), torch.from_numpy(queries)[:, :, None])
-        scores = product[:, :, 0].numpy()  # (Q, c)
+        rows = torch.from_numpy(vectors).float()  # (Q, c, D)
+        products = torch.matmul(rows, torch.from_numpy(queries)[:, :, None])[:, :, 0]  # (Q, c)
+        # cosine: divide by the row norms (4x cheaper than normalising the rows first)
+        scores = (products / torch.linalg.vector_norm(rows, dim=-1).clamp_min(1e-12)).numpy()
         scores[~found] = -np.inf
         return _top_k(scores, ids, k)
 

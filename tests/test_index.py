@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from ace_model.index import (
     IndexParams,
     PatchIndex,
     Segment,
+    unit_rows,
 )
 from ace_model.preprocess import CoordinateMap
 
@@ -38,10 +40,19 @@ def structured_vectors(rng: np.random.Generator, count: int, dim: int = DIM) -> 
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_segment(folder: Path, first: int, count: int, seed: int, prefix: str = "img") -> Segment:
+def concentrated_vectors(rng: np.random.Generator, count: int, dim: int = DIM) -> np.ndarray:
+    """Like trained patch embeddings: one shared direction holds most of every vector, neighbours
+    differ by a few hundredths (benchmarks/index.md: cosine 0.9998 to the nearest other patch)."""
+    spread = structured_vectors(rng, count, dim) * 0.05
+    vectors = spread + np.eye(dim, dtype=np.float32)[0]
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_segment(folder: Path, first: int, count: int, seed: int, prefix: str = "img",
+                  make: Callable[[np.random.Generator, int], np.ndarray] = structured_vectors) -> Segment:
     """`count` images (some non-square, so some padding patches) as one grid-store segment."""
     rng = np.random.default_rng(seed)
-    grids = structured_vectors(rng, count * GRID * GRID).reshape(count, GRID, GRID, DIM)
+    grids = make(rng, count * GRID * GRID).reshape(count, GRID, GRID, DIM)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{first}.npy"
     np.save(path, grids.astype(np.float16))
@@ -68,7 +79,7 @@ def all_vectors(index: PatchIndex) -> tuple[np.ndarray, list[tuple[str, int, int
 
 def recall_at_k(index: PatchIndex, queries: np.ndarray, k: int, **kwargs: object) -> float:
     vectors, keys = all_vectors(index)
-    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
+    exact = np.argsort(-(unit_rows(queries) @ unit_rows(vectors).T), axis=1)[:, :k]  # cosine
     hits = index.search(queries, k, **kwargs)
     found = 0
     for q, row in enumerate(hits):
@@ -89,11 +100,11 @@ def build(root: Path, segments: list[Segment], kind: str, **params: object) -> P
     return PatchIndex.open(root)
 
 
-def queries_from(index: PatchIndex, count: int, seed: int) -> np.ndarray:
+def queries_from(index: PatchIndex, count: int, seed: int, noise: float = 0.1) -> np.ndarray:
     vectors, _ = all_vectors(index)
     rng = np.random.default_rng(seed)
     picked = vectors[rng.choice(len(vectors), count, replace=False)]
-    noisy = picked + 0.1 * rng.standard_normal(picked.shape).astype(np.float32)
+    noisy = picked + noise * rng.standard_normal(picked.shape).astype(np.float32)
     return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
 
 
@@ -120,6 +131,32 @@ def test_ivfpq_without_rerank_is_worse_and_rerank_fixes_it(tmp_path: Path, corpu
     queries = queries_from(plain, 64, seed=4)
     assert recall_at_k(reranked, queries, 10) > recall_at_k(plain, queries, 10)
     assert recall_at_k(reranked, queries, 10) >= 0.9
+
+
+def test_ivfpq_candidates_by_l2_of_unit_vectors_beat_inner_product(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PQ error of <q, x^> along the shared direction swamps the small differences between
+    near neighbours; |q - x^| cancels it. Versions built the old way (inner product) still work."""
+    segments = [write_segment(tmp_path / "seg", 0, 300, seed=6, make=concentrated_vectors)]
+    common = {**FAST_IVF, "pq_bytes": 8, "nprobe": 4, "rerank": 2}
+    current = build(tmp_path / "l2", segments, "ivfpq", **common)
+    assert current.manifest["index"]["metric"] == "l2"
+    new_index = ix._new_index
+
+    def inner_product_ivfpq(kind: str, dim: int, num_patches: int, params: IndexParams) -> ix.faiss.Index:
+        factory = ix._factory_string(kind, dim, num_patches, params)
+        return ix.faiss.index_factory(dim, factory, ix.faiss.METRIC_INNER_PRODUCT)
+
+    monkeypatch.setattr(ix, "_new_index", inner_product_ivfpq)
+    old = build(tmp_path / "ip", segments, "ivfpq", **common)
+    monkeypatch.setattr(ix, "_new_index", new_index)
+    assert old.manifest["index"]["metric"] == "inner product"
+    queries = queries_from(current, 64, seed=7, noise=0.002)  # as close as trained neighbours are
+    assert recall_at_k(current, queries, 10) >= 0.85  # measured 0.94 (inner product: 0.56)
+    assert recall_at_k(current, queries, 10) >= recall_at_k(old, queries, 10) + 0.2
+    grown = PatchIndex.open(tmp_path / "ip", ix.extend_version(
+        tmp_path / "ip", [write_segment(tmp_path / "seg", 300, 20, seed=9, make=concentrated_vectors)]))
+    assert recall_at_k(grown, queries, 10, rerank=50) >= 0.9
 
 
 def test_training_sample_grows_with_the_list_count(tmp_path: Path, corpus: list[Segment]) -> None:
@@ -298,3 +335,19 @@ def test_ids_pack_and_unpack() -> None:
     ids = ix.pack_ids(np.array([0, 5, 2**40]), np.array([0, 195, 2**20 - 1]))
     images, patches = ix.unpack_ids(ids)
     assert images.tolist() == [0, 5, 2**40] and patches.tolist() == [0, 195, 2**20 - 1]
+
+
+def test_png_thumbnails_of_older_versions_are_found_and_kept(tmp_path: Path, corpus: list[Segment]) -> None:
+    """Versions built before previews became JPEG hold <index>.png: still served, and kept by add/remove."""
+    folder = tmp_path / "thumbs"
+    folder.mkdir()
+    first, second = corpus[0].records[0], corpus[0].records[1]
+    (folder / f"{first.image_index}.png").write_bytes(b"old png")
+    (folder / f"{second.image_index}.jpg").write_bytes(b"new jpeg")
+    with_thumbs = Segment(corpus[0].grid_file, corpus[0].first, corpus[0].records, folder)
+    base = build(tmp_path / "root", [with_thumbs], "flat")
+    assert base.thumbnail_path(first.image_id).read_bytes() == b"old png"  # type: ignore[union-attr]
+    assert base.thumbnail_path(second.image_id).read_bytes() == b"new jpeg"  # type: ignore[union-attr]
+    assert base.thumbnail_path(corpus[0].records[2].image_id) is None
+    removed = PatchIndex.open(tmp_path / "root", ix.remove_images(tmp_path / "root", [second.image_id]))
+    assert removed.thumbnail_path(first.image_id).read_bytes() == b"old png"  # type: ignore[union-attr]
