@@ -6,14 +6,16 @@ artifacts/ace-cpu-phantoms-30min (else artifacts/ace-cpu-phantoms, else a random
 and cached in runs/index-bench/. Sizes beyond the distinct patches repeat the distinct set with small
 Gaussian jitter (sigma per dimension, renormalised); the run prints sigma against the measured
 nearest-neighbour distances. Queries: the patches of held-out phantom subjects (one image's 196
-patches per search call, k = 10). Recall@10 against exact search is given strict (same patches) and
-tie-aware (hits within TIE_EPS cosine of the exact 10th score), plus how stable the exact top 10
-itself is below float16 precision (--stability). Speeds are measured interleaved (round-robin over index
-configurations, median of rounds) in one process, so the ratios against exact search are comparable.
+patches per search call, k = 10). Recall@10 against exact (cosine) search is given strict (same
+patches) and tie-aware (hits within TIE_EPS cosine of the exact 10th score), plus how stable the
+exact top 10 itself is below float16 precision (--stability). Speeds are measured interleaved
+(round-robin over index configurations, median of rounds) in one process, so the ratios against
+exact search are comparable.
 
     nice .venv/bin/python benchmarks/index.py --sizes 1000000 --types flat ivfpq hnsw
     nice .venv/bin/python benchmarks/index.py --sizes 5000000 --types flat ivfpq --sigma 0.0004 --rounds 6
     nice .venv/bin/python benchmarks/index.py --sizes 0 --e2e-images 512   # build vs raw encoder throughput
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/index.py --sizes 0 --e2e-images 512  # 1 core free
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from PIL import Image
 from ace_model import index as ix
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
 from ace_model.preprocess import CoordinateMap, decode_image, letterbox_tensor
-from training.build_index import EmbedOptions, run_build
+from training.build_index import EmbedOptions, default_decode_threads, run_build
 from training.phantoms import generate_phantom
 
 TRAINED = (Path("artifacts/ace-cpu-phantoms-30min"), Path("artifacts/ace-cpu-phantoms"))
@@ -189,10 +191,11 @@ def float16_stability(index: ix.PatchIndex, segments: list[ix.Segment], queries:
     for segment in segments:
         half = np.load(segment.grid_file).reshape(-1, index.dim)
         ulp = np.spacing(np.abs(half)).astype(np.float32)
-        flat.add(half.astype(np.float32) + ulp * (rng.random(half.shape, dtype=np.float32) - 0.5))
+        noise = ulp * (rng.random(half.shape, dtype=np.float32) - 0.5)
+        flat.add(ix.unit_rows(half.astype(np.float32) + noise))
     stable = []
     for q in queries:
-        _, ids = flat.search(q, 10)
+        _, ids = flat.search(ix.unit_rows(q), 10)
         truth = index.search(q, 10)
         got = [{(int(i) // index.grid_shape[1] ** 2, int(i) % index.grid_shape[1] ** 2) for i in row}
                for row in ids]
@@ -262,8 +265,10 @@ def bench_size(work: Path, base: np.ndarray, coords: CoordinateMap, queries: lis
         index.close()
 
 
-def bench_e2e(work: Path, encoder_dir: Path, encoder: Encoder, count: int, rounds: int) -> None:
-    """End-to-end build images/s vs raw encoder images/s on the same images, interleaved."""
+def bench_e2e(work: Path, encoder_dir: Path, encoder: Encoder, count: int, rounds: int,
+              workers: list[int | None]) -> None:
+    """End-to-end build images/s (per decode-thread setting) vs raw encoder images/s on the same
+    images, interleaved."""
     folder = CACHE / f"e2e-{count}"  # rendered once, reused by later runs
     folder.mkdir(parents=True, exist_ok=True)
     for i, (subject, view, _) in enumerate(phantom_jobs(500, count, 0)):
@@ -271,21 +276,32 @@ def bench_e2e(work: Path, encoder_dir: Path, encoder: Encoder, count: int, round
             (folder / f"ph{i}.png").write_bytes(phantom_png(subject, view))
     paths = sorted(folder.glob("*.png"))
     tensors = [letterbox_tensor(decode_image(p.read_bytes()), encoder.spec.img_size) for p in paths]
-    raw, build = [], []
+    raw: list[float] = []
+    build: dict[int | None, list[float]] = {w: [] for w in workers}
     for r in range(rounds):
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, count, 16):
                 encoder(torch.stack(tensors[i : i + 16]))
         raw.append(count / (time.perf_counter() - start))
-        start = time.perf_counter()
-        run_build(encoder_dir, folder, work / f"e2e-root{r}", params=ix.IndexParams(kind="flat"),
-                  options=EmbedOptions(16, 2, show_progress=False))
-        build.append(count / (time.perf_counter() - start))
-        print(f"round {r}: raw {raw[-1]:.1f} img/s, build {build[-1]:.1f} img/s", flush=True)
-    raw_ips, build_ips = float(np.median(raw)), float(np.median(build))
-    print(f"\n| images | raw encoder img/s | end-to-end build img/s | ratio |\n|---|---|---|---|\n"
-          f"| {count} | {raw_ips:.1f} | {build_ips:.1f} | {build_ips / raw_ips:.2f} |")
+        for w in workers:
+            start = time.perf_counter()
+            run_build(encoder_dir, folder, work / f"e2e-root{r}-{w}", params=ix.IndexParams(kind="flat"),
+                      options=EmbedOptions(16, w, show_progress=False))
+            build[w].append(count / (time.perf_counter() - start))
+        print(f"round {r}: raw {raw[-1]:.1f} img/s, build " + ", ".join(
+            f"{_threads(w)} {b[-1]:.1f}" for w, b in build.items()) + " img/s", flush=True)
+    raw_ips = float(np.median(raw))
+    print("\n| images | encoder threads | decode threads | raw encoder img/s | end-to-end build img/s | "
+          "ratio of medians | median of per-round ratios |\n|---|---|---|---|---|---|---|")
+    for w, runs in build.items():
+        build_ips, per_round = float(np.median(runs)), float(np.median(np.array(runs) / np.array(raw)))
+        print(f"| {count} | {torch.get_num_threads()} | {_threads(w)} | {raw_ips:.1f} | {build_ips:.1f} | "
+              f"{build_ips / raw_ips:.2f} | {per_round:.2f} |")
+
+
+def _threads(workers: int | None) -> str:
+    return f"auto ({default_decode_threads()})" if workers is None else str(workers)
 
 
 def describe_corpus(base: np.ndarray, sizes: list[int], sigma: float) -> None:
@@ -310,7 +326,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.005, help="per-dimension jitter of repeated images")
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = the library default)")
     parser.add_argument("--train-size", type=int, default=200_000)
-    parser.add_argument("--ivf", nargs="+", default=["8/10", "8/20", "16/20", "64/50"],
+    parser.add_argument("--ivf", nargs="+", default=["8/10", "16/10", "16/20", "32/10"],
                         help="IVF-PQ search settings NPROBE/RERANK, each measured")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--opq", action=argparse.BooleanOptionalAction, default=None,
@@ -319,9 +335,11 @@ def main() -> None:
                         help="query images for the float16 tie check (0 = skip)")
     parser.add_argument("--e2e-images", type=int, default=0)
     parser.add_argument("--e2e-rounds", type=int, default=3)
+    parser.add_argument("--e2e-workers", type=int, nargs="*", default=[],
+                        help="decode-thread counts measured besides the default (auto)")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
-    ix.configure_faiss(threads=2)
+    ix.configure_faiss(threads=torch.get_num_threads())  # FAISS and torch share one OpenMP pool
     work = args.work or Path(tempfile.mkdtemp(prefix="ace-index-bench-"))
     encoder_dir = encoder_dir_for_bench(work)
     encoder = load_encoder(encoder_dir)
@@ -336,7 +354,7 @@ def main() -> None:
         bench_size(work / f"n{size}", base, phantom_coords(encoder), queries, size, args)
         shutil.rmtree(work / f"n{size}", ignore_errors=True)
     if args.e2e_images:
-        bench_e2e(work, encoder_dir, encoder, args.e2e_images, args.e2e_rounds)
+        bench_e2e(work, encoder_dir, encoder, args.e2e_images, args.e2e_rounds, [None, *args.e2e_workers])
 
 
 if __name__ == "__main__":
