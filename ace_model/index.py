@@ -14,8 +14,10 @@ Root layout (docs/index.md has the user's view):
 A FAISS id packs (image_index, patch_index): id = image_index << PATCH_BITS | patch_index, with
 patch_index the row-major position in the h x w grid. Letterbox-padding patches are not indexed.
 
-Index types: `flat` (exact inner product), `ivfpq` (IVF + product quantisation; candidates are
-re-ranked exactly from the float16 grid store), `hnsw` (graph over float32 vectors).
+Scores are cosines: FAISS holds unit rows. Index types: `flat` (exact), `ivfpq` (IVF + product
+quantisation, candidates ranked by L2 between unit vectors and re-ranked exactly from the float16
+grid store), `hnsw` (graph over float32 vectors). Versions built before 2026-11-27 hold raw rows
+(inner products, within ~1e-4 of the cosine) and still load.
 Search restricted to a few images scans their grid-store rows exactly; larger restrictions and
 exclusions go through FAISS ID selectors in per-call SearchParameters (the shared index is never
 mutated).
@@ -111,7 +113,7 @@ class IndexParams:
     # directions) plain PQ's 4-dimension sub-spaces split it badly (benchmarks/index.md)
     opq: bool = True
     pq_bits: int = 8  # bits per sub-quantiser code: 8, or 4 (twice the sub-quantisers, fast to train)
-    # defaults: recall@10 0.993 / 0.985 at 1M / 5M patches (benchmarks/index.md); with L2 candidates
+    # defaults: recall@10 0.988 / 0.985 at 1M / 5M patches (benchmarks/index.md); with L2 candidates
     # a deeper re-rank adds nothing, more lists probed a little
     nprobe: int = 16  # default IVF lists visited per query
     rerank: int = 10  # ivfpq: re-rank k * rerank PQ candidates exactly from the grid store

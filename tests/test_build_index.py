@@ -164,3 +164,12 @@ def test_sources_folder_list_file_and_duplicates(tmp_path: Path, dataset: Path) 
     assert len(bi.collect_sources(listing)) == 2
     with pytest.raises(ValueError, match="names both"):
         bi.collect_sources([dataset, dataset / "images"])
+
+
+@pytest.mark.parametrize(("cores", "torch_threads", "expected"),
+                         [(2, 2, 0), (2, 1, 1), (16, 8, 4), (16, 16, 2)])
+def test_decode_threads_use_the_cores_torch_leaves_free(monkeypatch: pytest.MonkeyPatch, cores: int,
+                                                        torch_threads: int, expected: int) -> None:
+    monkeypatch.setattr(bi.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(bi.torch, "get_num_threads", lambda: torch_threads)
+    assert bi.default_decode_threads() == expected

@@ -157,6 +157,11 @@ def test_ivfpq_candidates_by_l2_of_unit_vectors_beat_inner_product(tmp_path: Pat
     grown = PatchIndex.open(tmp_path / "ip", ix.extend_version(
         tmp_path / "ip", [write_segment(tmp_path / "seg", 300, 20, seed=9, make=concentrated_vectors)]))
     assert recall_at_k(grown, queries, 10, rerank=50) >= 0.9
+    added = grown.grid("img310")[2, 5][None]  # an added image's own patch is found first
+    assert (grown.search(added, 1, rerank=50)[0][0].image_id, grown.num_images) == ("img310", 320)
+    shrunk = PatchIndex.open(tmp_path / "ip",
+                             ix.remove_images(tmp_path / "ip", ["img310"], base=grown.version))
+    assert all(h.image_id != "img310" for h in shrunk.search(added, 20, rerank=50)[0])
 
 
 def test_training_sample_grows_with_the_list_count(tmp_path: Path, corpus: list[Segment]) -> None:
@@ -351,3 +356,29 @@ def test_png_thumbnails_of_older_versions_are_found_and_kept(tmp_path: Path, cor
     assert base.thumbnail_path(corpus[0].records[2].image_id) is None
     removed = PatchIndex.open(tmp_path / "root", ix.remove_images(tmp_path / "root", [second.image_id]))
     assert removed.thumbnail_path(first.image_id).read_bytes() == b"old png"  # type: ignore[union-attr]
+    newer = corpus[1].records[0]  # a JPEG-era addition on top of a PNG-era version
+    (folder / f"{newer.image_index}.jpg").write_bytes(b"added jpeg")
+    grown = PatchIndex.open(tmp_path / "root", ix.extend_version(
+        tmp_path / "root", [Segment(corpus[1].grid_file, corpus[1].first, corpus[1].records, folder)],
+        base=removed.version))
+    assert grown.thumbnail_path(newer.image_id).read_bytes() == b"added jpeg"  # type: ignore[union-attr]
+    assert grown.thumbnail_path(first.image_id).read_bytes() == b"old png"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+def test_scores_are_cosines_whatever_the_stored_norms(tmp_path: Path, corpus: list[Segment],
+                                                       kind: str) -> None:
+    """Rows stored with norms far from 1 score the same cosine through FAISS and the exact scan."""
+    grid = np.load(corpus[0].grid_file).astype(np.float32)
+    scales = np.random.default_rng(3).uniform(0.5, 2.0, size=(*grid.shape[:3], 1)).astype(np.float32)
+    np.save(tmp_path / "scaled.npy", (grid * scales).astype(np.float16))
+    scaled = Segment(tmp_path / "scaled.npy", corpus[0].first, corpus[0].records)
+    index = build(tmp_path / kind, [scaled], kind, **(FAST_IVF if kind == "ivfpq" else {}))
+    query = 3.0 * index.grid("img7")[1, 2][None]  # not a unit vector either
+    through_faiss = index.search(query, 5, rerank=50)[0]
+    scanned = index.search(query, 5, image_ids=["img7"])[0][0]
+    assert (through_faiss[0].image_id, through_faiss[0].row, through_faiss[0].col) == ("img7", 1, 2)
+    assert through_faiss[0].score == pytest.approx(1.0, abs=1e-5)
+    assert scanned.score == pytest.approx(1.0, abs=1e-5)
+    stored = unit_rows(np.stack([index.grid(h.image_id)[h.row, h.col] for h in through_faiss]))
+    np.testing.assert_allclose([h.score for h in through_faiss], stored @ unit_rows(query)[0], atol=1e-5)

@@ -288,7 +288,7 @@ def default_decode_threads() -> int:
     costs the encoder nothing: 0.94 of raw encoder throughput, benchmarks/index.md); with none free,
     inline on small hosts, where threads only take CPU from the encoder (2 of 2 cores: 0.68-0.71
     with 0, 1 or 2 threads), else 2, a small share of many cores."""
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     free = cores - torch.get_num_threads()
     if free > 0:
         return min(free, 4)

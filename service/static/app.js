@@ -103,7 +103,9 @@ async function setQuery(blob, name, indexedId = null) {
 async function pickIndexed(imageId) {
   const info = await imageInfo(imageId);
   const response = await request(info.thumbnail);
-  await setQuery(await response.blob(), `${imageId}.png`, imageId);
+  const blob = await response.blob();
+  const suffix = blob.type === "image/jpeg" ? "jpg" : "png"; // stored previews: JPEG (PNG before 2026-11-27)
+  await setQuery(blob, `${imageId}.${suffix}`, imageId);
 }
 
 async function setTarget(blob, name) {
