@@ -109,11 +109,11 @@ def _pil_to_float(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return grey_to_rgb(_minmax(np.asarray(image, dtype=np.float32)))
     if image.mode in ("L", "LA", "P", "1"):
-        return grey_to_rgb(_unit(image if image.mode == "L" else image.convert("L")))
-    return _unit(image.convert("RGB"))
+        return grey_to_rgb(_bytes_to_float(image if image.mode == "L" else image.convert("L")))
+    return _bytes_to_float(image.convert("RGB"))
 
 
-def _unit(image: Image.Image) -> np.ndarray:
+def _bytes_to_float(image: Image.Image) -> np.ndarray:
     values = np.asarray(image, dtype=np.float32)  # a new array: scaled in place
     values *= np.float32(1 / 255)
     return values
@@ -304,14 +304,19 @@ def prepare(image: DecodedImage, size: int, grid: int) -> tuple[torch.Tensor, Co
     return letterbox_tensor(image, size), mapping
 
 
+def to_pil(image: DecodedImage) -> Image.Image:
+    """8-bit PIL image for display: mode L for grey images (one channel encoded), else RGB."""
+    grey = is_grey(image.pixels)
+    pixels = image.pixels[:, :, 0] if grey else image.pixels
+    return Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), "L" if grey else "RGB")
+
+
 def thumbnail_jpeg(image: DecodedImage, max_side: int = THUMBNAIL_SIDE) -> bytes:
     """A JPEG preview no larger than max_side (grey images stay one channel).
 
     JPEG, not PNG: encoding a 512 px PNG cost as much CPU as the vit_tiny forward pass of the same
     image in an index build; at quality 90 a preview looks the same and encodes ~10x faster."""
-    grey = is_grey(image.pixels)
-    pixels = image.pixels[:, :, 0] if grey else image.pixels
-    picture = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), "L" if grey else "RGB")
+    picture = to_pil(image)
     picture.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)

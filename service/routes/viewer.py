@@ -35,6 +35,7 @@ from ace_model.preprocess import (
     load_image,
     prepare,
     thumbnail_jpeg,
+    to_pil,
 )
 from service.batcher import QueueFullError
 from service.errors import ApiError, from_decode_error, invalid
@@ -180,8 +181,7 @@ def _thumbnail_from_source(index: PatchIndex, image_id: str) -> bytes:
 
 
 def _png(image: DecodedImage, max_side: int) -> bytes:
-    pixels = np.clip(image.pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    picture = Image.fromarray(pixels, "RGB")
+    picture = to_pil(image)
     picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     picture.save(out, "PNG")
