@@ -67,6 +67,8 @@ class LossConfig:
     learn_logit_scale: bool = False  # reference code never optimises it (spec Q7)
     normalize_student_local: bool = False  # L2-normalise up/down outputs (spec Q8)
     mask_nonoverlap_rows: bool = False  # drop all-zero target rows from the BCE (spec Q9)
+    local_form: str = "focal"  # "focal": the paper's element-wise BCE; "softmax": cross-entropy
+    # over target rows, the form that learns in CPU budgets (docs/correspondence.md)
     use_global: bool = True  # ablation switch for the global branch
     use_matching: bool = True  # ablation switch for the composition/decomposition branch
 

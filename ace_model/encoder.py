@@ -1,8 +1,13 @@
-"""Inference encoder: images -> L2-normalised patch grid + global embedding; artifact save/load.
+"""Inference encoder: images -> L2-normalised coarse patch grid, fine dense grid and global
+embedding; artifact save/load.
+
+Two kinds of network sit behind one interface: the two-level dense pyramid (`ace_model.dense`,
+the served default: a coarse stride-16 grid and a fine stride-4 grid from one forward pass) and
+any timm backbone (the ACE ViT/Swin presets: the coarse grid only, `fine` is None).
 
 An artifact is a directory:
-    encoder.json          architecture, preprocessing, provenance and the content fingerprint
-    weights.safetensors   backbone weights (the teacher's, for a trained ACE model)
+    encoder.json          architecture, levels, preprocessing, provenance and the fingerprint
+    weights.safetensors   network weights (the teacher's, for a trained ACE model)
 The fingerprint is a SHA-256 over the weights file and the architecture fields, so an index can
 refuse to be read by any other encoder, and a corrupted weights file is detected on load.
 """
@@ -25,11 +30,12 @@ from torch import nn
 
 from ace_model.backbone import Backbone
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
+from ace_model.dense import COARSE_STRIDE, DENSE_BACKBONE, FINE_STRIDE, DensePyramid, PyramidConfig
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: levels recorded (coarse + fine); 1: a single ViT grid, refused
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "weights.safetensors"
-REQUIRED_KEYS = ("backbone", "img_size", "pixel_mean", "pixel_std", "fingerprint")
+REQUIRED_KEYS = ("backbone", "img_size", "pixel_mean", "pixel_std", "fingerprint", "levels")
 ENCODER_STORE = "encoders"  # folder of an index root: <fingerprint>/ for each encoder that built it
 
 
@@ -44,44 +50,69 @@ class EncoderSpec:
     pixel_mean: float = PIXEL_MEAN  # input normalisation mean (all channels)
     pixel_std: float = PIXEL_STD  # input normalisation std (all channels)
     provenance: dict[str, Any] = field(default_factory=dict)  # training config, step, source
+    options: dict[str, Any] = field(default_factory=dict)  # network options (dense: PyramidConfig)
 
     def architecture(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "img_size": self.img_size,
+        arch = {"backbone": self.backbone, "img_size": self.img_size,
                 "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}
+        return {**arch, "options": self.options} if self.options else arch
+
+    @property
+    def is_dense(self) -> bool:
+        return self.backbone == DENSE_BACKBONE
 
 
 @dataclass
 class Embeddings:
-    patches: torch.Tensor  # (B, h, w, D) unit-norm patch embeddings
+    patches: torch.Tensor  # (B, h, w, D) unit-norm coarse patch embeddings (the indexed grid)
     global_: torch.Tensor  # (B, D) unit-norm mean of the patch tokens
+    fine: torch.Tensor | None = None  # (B, H, W, d) unit-norm fine grid; None for timm backbones
 
 
 class Encoder(nn.Module):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.backbone = Backbone(spec.backbone, spec.img_size, drop_path=0.0)
+        self.backbone: nn.Module = _network(spec)
         self.fingerprint = ""  # set when saved or loaded
         self.eval()
 
     @property
     def grid(self) -> int:
-        return self.backbone.grid_size[0]
+        """Coarse cells per side at the artifact's img_size."""
+        if isinstance(self.backbone, DensePyramid):
+            return self.spec.img_size // COARSE_STRIDE
+        return int(self.backbone.grid_size[0])  # type: ignore[index]
 
     @property
     def dim(self) -> int:
-        return self.backbone.dim
+        if isinstance(self.backbone, DensePyramid):
+            return self.backbone.config.coarse_dim
+        return int(self.backbone.dim)  # type: ignore[arg-type]
+
+    def levels(self) -> dict[str, dict[str, int] | None]:
+        """What the artifact records: each level's stride (input px per cell) and width."""
+        coarse = {"stride": self.spec.img_size // self.grid, "dim": self.dim, "grid": self.grid}
+        if not isinstance(self.backbone, DensePyramid):
+            return {"coarse": coarse, "fine": None}
+        fine_dim = self.backbone.config.fine_dim
+        return {"coarse": coarse, "fine": {"stride": FINE_STRIDE, "dim": fine_dim,
+                                           "grid": self.spec.img_size // FINE_STRIDE}}
 
     def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> Embeddings:
         """images (B, 3, S, S) normalised; valid (B, h*w) bool restricts the global mean."""
-        tokens = self.backbone(images).float()  # (B, h, w, D)
+        fine: torch.Tensor | None = None
+        if isinstance(self.backbone, DensePyramid):
+            tokens, fine = self.backbone(images)  # (B, h, w, D), (B, 4h, 4w, d)
+        else:
+            tokens = self.backbone(images).float()  # (B, h, w, D)
         flat = tokens.flatten(1, 2)  # (B, h*w, D)
         if valid is None:
             pooled = flat.mean(1)
         else:
             weights = valid.to(flat.dtype).unsqueeze(-1)
             pooled = (flat * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return Embeddings(F.normalize(tokens, dim=-1), F.normalize(pooled, dim=-1))
+        return Embeddings(F.normalize(tokens, dim=-1), F.normalize(pooled, dim=-1), fine)
 
     def save(self, directory: str | Path) -> str:
         """Write the artifact; returns its fingerprint."""
@@ -92,13 +123,21 @@ class Encoder(nn.Module):
         save_file(state, str(weights))
         self.fingerprint = _fingerprint(weights, self.spec)
         meta = {"format": ARTIFACT_FORMAT, **asdict(self.spec), "fingerprint": self.fingerprint,
-                "grid": self.grid, "dim": self.dim}
+                "grid": self.grid, "dim": self.dim, "levels": self.levels()}
         config.write_text(json.dumps(meta, indent=2, sort_keys=True))
         # Replacing, not rewriting, means a reader (a running service) never sees a half-written
         # file; between the two renames the fingerprint check makes it refuse the mixed pair.
         os.replace(weights, out / WEIGHTS_FILE)
         os.replace(config, out / CONFIG_FILE)
         return self.fingerprint
+
+
+def _network(spec: EncoderSpec) -> nn.Module:
+    if spec.is_dense:
+        if spec.img_size % 32:
+            raise ValueError(f"the dense encoder needs img_size a multiple of 32, got {spec.img_size}")
+        return DensePyramid(PyramidConfig.from_dict(spec.options))
+    return Backbone(spec.backbone, spec.img_size, drop_path=0.0)
 
 
 def _fingerprint(weights: Path, spec: EncoderSpec) -> str:
@@ -123,6 +162,12 @@ def read_artifact_meta(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} must hold a JSON object, found {type(meta).__name__}")
+    if meta.get("format") == 1:
+        raise ArtifactError(
+            f"{path}: artifact format 1 (a single-level ViT grid, before the two-level encoder) is no "
+            "longer loaded: use the shipped encoder (artifacts/ace-dense-phantoms), train one with "
+            "`ace train-dense`, or re-export an ACE checkpoint with `ace export`"
+        )
     if meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path}: artifact format {meta.get('format')!r}, expected {ARTIFACT_FORMAT}")
     missing = [key for key in REQUIRED_KEYS if key not in meta]
@@ -157,7 +202,8 @@ def store_artifact(directory: str | Path, store: str | Path) -> Path:
 def _spec_from_meta(meta: dict[str, Any], directory: str | Path) -> EncoderSpec:
     try:
         return EncoderSpec(str(meta["backbone"]), int(meta["img_size"]), float(meta["pixel_mean"]),
-                           float(meta["pixel_std"]), dict(meta.get("provenance") or {}))
+                           float(meta["pixel_std"]), dict(meta.get("provenance") or {}),
+                           dict(meta.get("options") or {}))
     except (TypeError, ValueError) as err:
         raise ArtifactError(f"encoder artifact {directory} has an invalid field: {err}") from err
 

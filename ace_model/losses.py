@@ -67,3 +67,17 @@ def alpha_balanced_bce(
         return loss.mean()
     weights = row_mask.float().unsqueeze(-1)
     return (loss * weights).sum() / (weights.sum() * loss.shape[-1]).clamp(min=1.0)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of each row against its target row normalised to a distribution:
+    L = -sum_j (t_ij / sum_j t_ij) log softmax(x_i)_j, averaged over rows with a target (rows
+    outside the overlap are all zero and carry no signal). The form of ACE's local terms that
+    learns on CPU budgets, where the element-wise BCE stays on its position-only floor."""
+    logits, target = logits.float(), target.float()
+    mass = target.sum(-1, keepdim=True)  # (B, R, 1)
+    keep = mass[..., 0] > 0
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    per_row = -(target / mass.clamp(min=1e-12) * F.log_softmax(logits, dim=-1)).sum(-1)  # (B, R)
+    return per_row[keep].mean()

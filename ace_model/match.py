@@ -7,12 +7,15 @@ embedded once (one forward pass) and every query point is answered from the two 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ace_model.preprocess import CoordinateMap
 
 Refinement = Literal["quadratic", "none"]
 REFINEMENTS: tuple[Refinement, ...] = ("quadratic", "none")
@@ -131,3 +134,213 @@ def _mutual(
     q_rows = xy[:, 1].round().long().clamp(0, h - 1)
     q_cols = xy[:, 0].round().long().clamp(0, w - 1)
     return back_best == q_rows * w + q_cols
+
+
+# ---------------------------------------------------------------------------------------------
+# Two levels, coarse to fine: the matcher the service, `ace eval` and the viewer share.
+#
+# Coordinates are model pixels of the letterboxed image at the encoder's img_size ("base" size);
+# a level of stride s has cell (r, c) centred at ((c + 0.5) s, (r + 0.5) s).
+
+Mode = Literal["both", "coarse", "fine"]
+MODES: tuple[Mode, ...] = ("both", "coarse", "fine")
+
+
+@dataclass(frozen=True)
+class Levels:
+    """One image's embeddings, as the encoder gave them for an input of `side` px."""
+
+    coarse: torch.Tensor  # (h, w, D) unit-norm
+    fine: torch.Tensor | None  # (H, W, d) unit-norm; None for single-level encoders
+    side: int  # input side in px these grids were computed from
+    content: tuple[float, float, float, float]  # image content (x0, y0, x1, y1) in these px
+
+    @classmethod
+    def of(cls, coarse: torch.Tensor, fine: torch.Tensor | None, coords: CoordinateMap) -> Levels:
+        """The levels of one image embedded at coords.size px (its letterbox transform)."""
+        return cls(coarse, fine, coords.size, coords.content_box())
+
+    def scaled(self, base: int) -> float:
+        """This embedding's px per base px (2.0 for a second look at twice the base size)."""
+        return self.side / base
+
+    def valid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(rows, cols) bool: cell centres on image content, not letterbox padding."""
+        stride = self.side / grid.shape[0]
+        centres = (torch.arange(grid.shape[0], dtype=torch.float32) + 0.5) * stride
+        x0, y0, x1, y1 = self.content
+        inside_x = (centres >= x0) & (centres <= x1)
+        inside_y = (centres >= y0) & (centres <= y1)
+        return inside_y[:, None] & inside_x[None, :]
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    mode: Mode = "both"  # which levels vote: coarse only, fine only, or both
+    coarse_weight: float = 0.5  # weight of the upsampled coarse map in "both"
+    refine: Refinement = "quadratic"  # sub-cell peak on the finest map used
+    second_look_radius: float = 12.0  # base px searched around the previous answer, at a 2x look
+    # (a 4x look searches half that: each look narrows the window as it sharpens the grid)
+    confidence_tau: float = 0.02  # softmax temperature of the confidence
+    confidence_radius: float = 6.0  # base px: probability mass within this of the peak = confidence
+
+
+@dataclass(frozen=True)
+class Found:
+    xy: np.ndarray  # (N, 2) target model px (base size) of each match
+    score: np.ndarray  # (N,) combined cosine similarity at the match
+    confidence: np.ndarray  # (N,) softmax mass around the peak, in [0, 1]
+    mutual: np.ndarray  # (N,) bool: matching back from the target lands on the query
+
+
+def sample_at(grid: torch.Tensor, xy_px: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinear, re-normalised features of a grid (h, w, D) at px (N, 2) of a `side` px input."""
+    return sample_grid(grid.float(), xy_px / (side / grid.shape[0]) - 0.5)
+
+
+def _level_map(grid: torch.Tensor, vector: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Cosine map of vectors (N, D) over grid (h, w, D), bilinearly resized to size -> (N, H, W)."""
+    sim = similarity_maps(vector, grid)
+    if tuple(sim.shape[1:]) == size:
+        return sim
+    return F.interpolate(sim[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+@dataclass(frozen=True)
+class Maps:
+    combined: torch.Tensor  # (N, H, W) what the argmax runs on (coarse + fine), padding MASKED
+    sharp: torch.Tensor  # (N, H, W) what the sub-cell refinement runs on: the fine map alone
+    stride: float  # target px per cell of these maps
+
+
+def similarity(query: Levels, query_px: torch.Tensor, target: Levels, options: MatchOptions,
+               query_coarse: torch.Tensor | None = None) -> Maps:
+    """Similarity maps of the query points (N, 2) px of `query` over the target, on the finest
+    grid used. The upsampled coarse map decides *which* peak; it is smooth at the fine scale and
+    would pull the sub-cell fit towards its own cell centres, so the fine map alone refines it."""
+    use_fine = options.mode != "coarse" and query.fine is not None and target.fine is not None
+    grid = target.fine if use_fine and target.fine is not None else target.coarse
+    size = (int(grid.shape[0]), int(grid.shape[1]))
+    coarse_q = sample_at(query.coarse, query_px, query.side) if query_coarse is None else query_coarse
+    if not use_fine or query.fine is None or target.fine is None:
+        sim = sharp = _level_map(target.coarse, coarse_q, size)
+    else:
+        sharp = _level_map(target.fine, sample_at(query.fine, query_px, query.side), size)
+        w = 0.0 if options.mode == "fine" else options.coarse_weight
+        sim = sharp if w == 0 else w * _level_map(target.coarse, coarse_q, size) + (1 - w) * sharp
+    padding = ~target.valid(grid)[None]
+    return Maps(sim.masked_fill(padding, MASKED), sharp.masked_fill(padding, MASKED), target.side / size[0])
+
+
+def _peak(maps: Maps, refine: Refinement,
+          window: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak of the combined maps, refined on the sharp ones -> px (N, 2) and the peak score (N,).
+    window (N, H, W) bool restricts the search."""
+    combined = maps.combined if window is None else maps.combined.masked_fill(~window, MASKED)
+    rows, cols = argmax_2d(combined)
+    score = combined[torch.arange(combined.shape[0]), rows, cols]
+    return (refine_peak(maps.sharp, rows, cols, refine) + 0.5) * maps.stride, score
+
+
+def _near(maps: Maps, centre_px: torch.Tensor, radius_px: float) -> torch.Tensor:
+    """(N, H, W) bool: cells within radius_px of each map's centre (N, 2) px."""
+    h, w = maps.combined.shape[1:]
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * maps.stride
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * maps.stride
+    dist2 = (xs[None, None, :] - centre_px[:, 0, None, None]) ** 2 + \
+        (ys[None, :, None] - centre_px[:, 1, None, None]) ** 2
+    return dist2 <= radius_px**2
+
+
+def _confidence(maps: Maps, peak_px: torch.Tensor, options: MatchOptions) -> torch.Tensor:
+    """Softmax probability mass within confidence_radius of the peak: near 1 for one sharp peak."""
+    sim = maps.combined
+    prob = torch.softmax(sim.flatten(1) / options.confidence_tau, dim=1).view_as(sim)
+    return (prob * _near(maps, peak_px, options.confidence_radius)).flatten(1).sum(1).clamp(0, 1)
+
+
+def _first_pass(query: Levels, query_px: torch.Tensor, target: Levels, options: MatchOptions,
+                query_coarse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    maps = similarity(query, query_px, target, options, query_coarse)
+    peak, score = _peak(maps, options.refine)
+    return peak, score, _confidence(maps, peak, options)
+
+
+def _look_again(query_hi: Levels, query_px: torch.Tensor, target_hi: Levels, previous_px: torch.Tensor,
+                options: MatchOptions, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search higher-resolution embeddings only around the previous answer -> base px, score."""
+    q_scale, t_scale = query_hi.scaled(base), target_hi.scaled(base)
+    maps = similarity(query_hi, query_px * q_scale, target_hi, options)
+    radius = options.second_look_radius * 2 / t_scale  # in base px
+    peak, score = _peak(maps, options.refine, _near(maps, previous_px * t_scale, radius * t_scale))
+    return peak / t_scale, score
+
+
+Look = tuple[Levels, Levels]  # (query, target) embedded at a higher resolution
+LOOK_SCALES = (2, 4)  # the second looks, in multiples of the encoder's img_size
+
+
+def look_scales(width: int, height: int, img_size: int, max_scale: int = 4) -> tuple[int, ...]:
+    """The looks worth taking for an image: up to its own resolution (a 512 px image gains
+    nothing from an 896 px look), at most max_scale (1 = no second look)."""
+    longest = max(width, height)
+    return tuple(s for s in LOOK_SCALES if s <= max_scale and img_size * s <= 1.25 * longest)
+
+
+def common_looks(query: Sequence[Levels], target: Sequence[Levels]) -> list[Look]:
+    """Pair up the looks both images have, by input side."""
+    by_side = {levels.side: levels for levels in target}
+    return [(q, by_side[q.side]) for q in query if q.side in by_side]
+
+
+def match_points(
+    query: Levels, query_px: np.ndarray, target: Levels, options: MatchOptions | None = None,
+    second_look: Look | Sequence[Look] | None = None, query_coarse: torch.Tensor | None = None,
+    query_boxes: np.ndarray | None = None,
+) -> Found:
+    """Locate query points (N, 2) base px of `query` in `target`, coarse to fine.
+
+    second_look: (query, target) embedded at a higher resolution (or several such looks, in
+    increasing resolution); each answer is searched again in a window around the previous one.
+    query_coarse (N, D) replaces the sampled coarse query vectors (a box's mean); query_boxes
+    (N, 4) base px then define mutuality. Confidence and mutuality come from the first pass.
+    """
+    options = options or MatchOptions()
+    xy = torch.as_tensor(np.asarray(query_px, dtype=np.float32)).reshape(-1, 2)
+    found, score, confidence = _first_pass(query, xy, target, options, query_coarse)
+    for look_query, look_target in _looks(second_look) if options.mode != "coarse" else []:
+        found, score = _look_again(look_query, xy, look_target, found, options, query.side)
+    back, _, _ = _first_pass(target, found, query, options, None)
+    return Found(found.numpy().astype(np.float64), score.numpy(), confidence.numpy(),
+                 _is_mutual(back.numpy(), np.asarray(query_px, float).reshape(-1, 2), query, query_boxes))
+
+
+def _looks(second_look: Look | Sequence[Look] | None) -> list[Look]:
+    if not second_look:
+        return []
+    if isinstance(second_look[0], Levels):
+        return [second_look]  # type: ignore[list-item]
+    return list(second_look)  # type: ignore[arg-type]
+
+
+def _is_mutual(back_px: np.ndarray, query_px: np.ndarray, query: Levels,
+               boxes: np.ndarray | None) -> np.ndarray:
+    """The back-match lands within one coarse cell of the query point (or inside its box)."""
+    cell = query.side / query.coarse.shape[0]
+    if boxes is None:
+        return np.linalg.norm(back_px - query_px, axis=1) <= cell
+    inside_x = (back_px[:, 0] >= boxes[:, 0] - cell / 2) & (back_px[:, 0] <= boxes[:, 2] + cell / 2)
+    return inside_x & (back_px[:, 1] >= boxes[:, 1] - cell / 2) & (back_px[:, 1] <= boxes[:, 3] + cell / 2)
+
+
+def refine_near(query: Levels, query_px: np.ndarray, target: Levels, around_px: np.ndarray,
+                radius_px: float, options: MatchOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best match of each query point (N, 2) within radius_px of a known position (N, 2) in the
+    target (base px) -> (N, 2) base px and (N,) score: how a retrieval hit, found on the coarse
+    grid, is located at fine precision in its own image."""
+    options = options or MatchOptions()
+    xy = torch.as_tensor(np.asarray(query_px, dtype=np.float32)).reshape(-1, 2)
+    centre = torch.as_tensor(np.asarray(around_px, dtype=np.float32)).reshape(-1, 2)
+    maps = similarity(query, xy, target, options)
+    peak, score = _peak(maps, options.refine, _near(maps, centre, radius_px))
+    return peak.numpy().astype(np.float64), score.numpy()

@@ -22,7 +22,7 @@ from torch import nn
 from ace_model.backbone import Backbone
 from ace_model.config import ACEConfig, ModelConfig
 from ace_model.heads import ComposeMLP, DecomposeMLP, DenseHead, DINOHead
-from ace_model.losses import OverlapDINOLoss, alpha_balanced_bce, masked_mean
+from ace_model.losses import OverlapDINOLoss, alpha_balanced_bce, masked_mean, soft_target_cross_entropy
 
 
 @dataclass
@@ -55,6 +55,8 @@ class ACE(nn.Module):
     def __init__(self, config: ACEConfig) -> None:
         super().__init__()
         self.config = config
+        if config.loss.local_form not in ("focal", "softmax"):
+            raise ValueError(f"loss.local_form must be 'focal' or 'softmax', got {config.loss.local_form!r}")
         if not (config.loss.use_global or config.loss.use_matching):
             raise ValueError("both loss branches are switched off; enable use_global or use_matching")
         self.student = Branch(config.model, config.model.drop_path)
@@ -129,6 +131,9 @@ class ACE(nn.Module):
         a_dec = scale * teacher_dense[b:] @ fine.transpose(1, 2)  # (B, n*n, 4*n*n)
         a_comp = scale * teacher_dense[:b] @ coarse.transpose(1, 2)  # (B, n*n, n*n/4)
         lc = self.config.loss
+        if lc.local_form == "softmax":
+            return {"dec": soft_target_cross_entropy(a_dec, batch.target_dec),
+                    "comp": soft_target_cross_entropy(a_comp, batch.target_comp)}
         mask_dec = batch.mask_s if lc.mask_nonoverlap_rows else None
         mask_comp = batch.mask_l if lc.mask_nonoverlap_rows else None
         return {

@@ -267,6 +267,11 @@ class CoordinateMap:
         """(grid*grid,) bool: patch centre lies on image content, not on letterbox padding."""
         return self.contains(self.patch_centres())
 
+    def content_box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) model px covered by the image (the rest is letterbox padding)."""
+        width, height = self.content_size
+        return self.pad_x, self.pad_y, self.pad_x + width, self.pad_y + height
+
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 

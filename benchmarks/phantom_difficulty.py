@@ -1,6 +1,7 @@
 """Phantom generator: CPU time per image, and how often naive template matching fails.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/phantom_difficulty.py [--subjects 16] [--grid PNG]
+    PYTHONPATH=. .venv/bin/python benchmarks/phantom_difficulty.py [--subjects 16] [--difficulty hard]
+        [--grid PNG]
 
 For consecutive subjects (i, i+1), a 32x32 patch around each landmark of subject i is searched in
 subject i+1 by normalised cross-correlation (skimage.feature.match_template); a landmark fails when
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.phantoms import (
+    DIFFICULTIES,
     LANDMARK_NAMES,
     Phantom,
     PhantomConfig,
@@ -54,10 +56,13 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=16)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="standard")
     parser.add_argument("--grid", type=Path, help="also write an example grid PNG here")
     args = parser.parse_args()
-    phantoms, cpu = timed_phantoms(args.subjects, PhantomConfig(size=args.size), args.seed)
-    print(f"generation: {cpu * 1000:.0f} ms CPU per {args.size}px image (mean of {args.subjects})")
+    config = PhantomConfig(size=args.size, difficulty=args.difficulty)
+    phantoms, cpu = timed_phantoms(args.subjects, config, args.seed)
+    print(f"generation ({args.difficulty}): {cpu * 1000:.0f} ms CPU per {args.size}px image "
+          f"(mean of {args.subjects})")
     errors = np.stack([template_matching_errors(a, b) for a, b in itertools.pairwise(phantoms)])
     failed = errors > 0.05 * np.hypot(args.size, args.size)
     print(f"NCC 32x32 template matching: {failed.mean():.0%} of {failed.size} landmarks fail "

@@ -30,9 +30,10 @@ class QueueFullError(RuntimeError):
 
 @dataclass(frozen=True)
 class Embedded:
-    patches: torch.Tensor  # (h, w, D) unit-norm patch embeddings on the CPU
+    patches: torch.Tensor  # (h, w, D) unit-norm coarse patch embeddings on the CPU
     queue_ms: float  # time spent waiting for the worker
     inference_ms: float  # duration of the forward pass of the batch it ran in
+    fine: torch.Tensor | None = None  # (H, W, d) unit-norm fine grid; None for single-level encoders
 
 
 @dataclass
@@ -119,9 +120,9 @@ class Batcher:
             return self._take_batch()
 
     def _take_batch(self) -> list[_Item]:
-        encoder = self._queue[0].encoder
+        first = self._queue[0]
         batch: list[_Item] = []
-        while self._queue and self._queue[0].encoder is encoder and len(batch) < self.config.max_batch_size:
+        while self._queue and len(batch) < self.config.max_batch_size and _fits(self._queue[0], first):
             batch.append(self._queue.popleft())
         return batch
 
@@ -129,22 +130,24 @@ class Batcher:
         self._observe(len(batch), len(self._queue))
         started = time.perf_counter()
         try:
-            patches = self.forward(torch.stack([item.tensor for item in batch]), batch[0].encoder)
+            patches, fine = self.forward(torch.stack([item.tensor for item in batch]), batch[0].encoder)
         except Exception as err:  # the worker must survive; each caller gets the error
             for item in batch:
                 _resolve(item, err)
             return
         inference_ms = (time.perf_counter() - started) * 1000
-        for item, grid in zip(batch, patches, strict=True):
+        for n, item in enumerate(batch):
             queue_ms = (started - item.enqueued) * 1000
-            _resolve(item, Embedded(grid, queue_ms, inference_ms))
+            _resolve(item, Embedded(patches[n], queue_ms, inference_ms, None if fine is None else fine[n]))
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, encoder: Encoder) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, h, w, D) float32 on the CPU. Call from the worker (or `prepare`)."""
+    def forward(self, images: torch.Tensor, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) -> coarse (B, h, w, D) and fine (B, H, W, d) or None, float32 on the CPU.
+        Call from the worker (or `prepare`)."""
         with self._autocast():
             out = encoder(images.to(self.config.device, non_blocking=True))
-        return out.patches.float().cpu()
+        fine = None if out.fine is None else out.fine.float().cpu()
+        return out.patches.float().cpu(), fine
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -155,6 +158,11 @@ class Batcher:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         with torch.autocast("cuda", dtype=dtype):
             yield
+
+
+def _fits(item: _Item, first: _Item) -> bool:
+    """Same encoder, same input size (second looks are twice the size) as the batch's first image."""
+    return item.encoder is first.encoder and item.tensor.shape == first.tensor.shape
 
 
 def _resolve(item: _Item, outcome: Embedded | Exception) -> None:

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     max_targets: int = Field(8, ge=0)  # uploaded target images per request
     max_image_ids: int = Field(32, ge=0)  # indexed image ids per request
     max_k: int = Field(100, ge=1)  # largest k (matches per point)
+    max_look: Literal[1, 2, 4] = 4  # dense encoders: re-search each match at 2x and 4x the encoder's
+    # size, as far as the images' own resolution goes; 1 = no second look (docs/service.md)
+    locate_hits: int = Field(8, ge=0)  # distinct index-hit images per request located at fine
+    # precision (their previews embedded once more); 0 = patch centres only
     poll_interval_s: float = Field(10.0, ge=0)  # CURRENT pointer poll; 0 disables polling
     api_key: SecretStr | None = None  # required on /admin routes when set
     cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated allowed origins

@@ -1,21 +1,23 @@
 """Query points and boxes: parsing the form fields, embedding them, locating them in a target grid.
 
-Points are sampled bilinearly from the query's patch grid; a box is the normalised mean of the
-patches whose centres lie inside it (at least the patch under its centre). A box's match is
-mutual when the found target patch matches back into the box.
+Points are sampled bilinearly from the query's coarse grid (the vector the index searches); a box
+is the normalised mean of the coarse patches whose centres lie inside it (at least the patch under
+its centre). Correspondence goes coarse to fine through `ace_model.match.match_points`; a box's
+match is mutual when matching back lands inside the box.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ace_model.match import Located, locate, refine_peak, sample_grid, similarity_maps
+from ace_model.match import Found, Levels, Look, match_points, sample_at
 from ace_model.preprocess import CoordinateMap
 from service.errors import invalid
 
@@ -28,9 +30,9 @@ class QueryShapes:
 
 @dataclass(frozen=True)
 class QuerySet:
-    vectors: torch.Tensor  # (N, D) unit-norm query embeddings
-    grid_xy: np.ndarray  # (N, 2) query points in grid coordinates
-    regions: torch.Tensor | None  # (N, h*w) bool patches of each box; None for points
+    vectors: torch.Tensor  # (N, D) unit-norm coarse query embeddings (what the index searches)
+    model_xy: np.ndarray  # (N, 2) query points in the query's model px
+    boxes_px: np.ndarray | None  # (N, 4) boxes in the query's model px; None for points
 
 
 def parse_shapes(points: str | None, boxes: str | None, max_points: int) -> QueryShapes:
@@ -107,15 +109,16 @@ def check_inside(shapes: QueryShapes, coords: CoordinateMap) -> None:
 
 
 def embed_queries(shapes: QueryShapes, grid: torch.Tensor, coords: CoordinateMap) -> QuerySet:
-    """grid: (h, w, D) unit-norm patch embeddings of the query image."""
-    grid_xy = coords.to_grid(shapes.points)
+    """grid: (h, w, D) unit-norm coarse patch embeddings of the query image."""
+    model_xy = coords.to_model(shapes.points)
     if shapes.boxes is None:
-        vectors = sample_grid(grid, torch.as_tensor(grid_xy, dtype=torch.float32))
-        return QuerySet(vectors, grid_xy, None)
+        vectors = sample_at(grid, torch.as_tensor(model_xy, dtype=torch.float32), coords.size)
+        return QuerySet(vectors, model_xy, None)
     regions = _box_regions(shapes.boxes, coords)
     flat = grid.flatten(0, 1)  # (h*w, D)
     sums = regions.to(flat.dtype) @ flat  # (N, D)
-    return QuerySet(F.normalize(sums, dim=-1), grid_xy, regions)
+    boxes_px = coords.to_model(shapes.boxes.reshape(-1, 2)).reshape(-1, 4)
+    return QuerySet(F.normalize(sums, dim=-1), model_xy, boxes_px)
 
 
 def _box_regions(boxes: np.ndarray, coords: CoordinateMap) -> torch.Tensor:
@@ -127,19 +130,10 @@ def _box_regions(boxes: np.ndarray, coords: CoordinateMap) -> torch.Tensor:
     return torch.from_numpy(inside)
 
 
-def locate_queries(
-    query: QuerySet, query_grid: torch.Tensor, target_grid: torch.Tensor, target_valid: torch.Tensor
-) -> Located:
-    """Best location of every query in the target grid (h, w, D); grid coordinates out."""
-    if query.regions is None:
-        return locate(query_grid, query.grid_xy, target_grid, target_valid)
-    sim = similarity_maps(query.vectors, target_grid)  # (N, h, w)
-    sim = sim.masked_fill(~target_valid[None], -2.0)
-    w = sim.shape[2]
-    best = sim.flatten(1).argmax(1)
-    rows, cols = best // w, best % w
-    score = sim.flatten(1).gather(1, best[:, None])[:, 0]
-    back = target_grid[rows, cols].float() @ query_grid.float().flatten(0, 1).T  # (N, h*w)
-    mutual = query.regions.gather(1, back.argmax(1, keepdim=True))[:, 0]
-    return Located(refine_peak(sim, rows, cols).numpy(), score.numpy(), mutual.numpy(),
-                   torch.stack([rows, cols], -1).numpy())
+def locate_queries(query: QuerySet, query_levels: Levels, target_levels: Levels,
+                   looks: Sequence[Look] = ()) -> Found:
+    """Best location of every query in the target, coarse to fine (ace_model.match.match_points);
+    target model px out. A box's coarse vector is its mean; its fine query is its centre."""
+    coarse = None if query.boxes_px is None else query.vectors
+    return match_points(query_levels, query.model_xy, target_levels, second_look=list(looks),
+                        query_coarse=coarse, query_boxes=query.boxes_px)

@@ -8,17 +8,22 @@ from pydantic import BaseModel, Field
 class Match(BaseModel):
     image_id: str = Field(description="indexed image holding the matching patch")
     patient_id: str | None = Field(description="that image's patient, when known")
-    x: float = Field(description="patch centre, original pixels of the hit image (x right)")
-    y: float = Field(description="patch centre, original pixels of the hit image (y down)")
-    score: float = Field(description="cosine similarity with the query point's embedding")
+    x: float = Field(description="the query point's location in the hit image, original pixels (x right): "
+                                 "located at fine precision when `located`, else the hit patch's centre")
+    y: float = Field(description="as x (y down)")
+    score: float = Field(description="cosine similarity of the coarse patch with the query's embedding")
+    located: bool = Field(False, description="x, y were located at fine precision in the hit image")
 
 
 class Correspondence(BaseModel):
     target: int | str = Field(description="upload position of the target, or the indexed image id")
     x: float = Field(description="sub-patch refined location, original pixels of the target")
     y: float
-    score: float = Field(description="cosine similarity at the best target patch")
-    mutual: bool = Field(description="the target patch's best match in the query is the query patch")
+    score: float = Field(description="combined coarse + fine cosine similarity at the match")
+    confidence: float = Field(description="softmax probability mass of the similarity map near the "
+                                          "match, in [0, 1]; calibrated against error in docs/eval.md")
+    mutual: bool = Field(description="matching back from the target lands within one coarse cell of "
+                                     "the query point (inside the box, for a box)")
 
 
 class PointResult(BaseModel):

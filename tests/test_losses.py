@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,25 @@ def test_overlap_dino_loss_is_lowest_when_student_matches_the_other_view() -> No
     crossed = fresh_loss(teacher[[1, 0]], teacher)  # student L predicts teacher S and vice versa
     same_view = fresh_loss(teacher, teacher)
     assert crossed < same_view
+
+
+def test_soft_target_cross_entropy_is_zero_only_for_a_peaked_match_and_skips_empty_rows() -> None:
+    from ace_model.losses import soft_target_cross_entropy
+
+    target = torch.zeros(1, 3, 4)
+    target[0, 0, 1], target[0, 1, 2] = 1.0, 1.0  # row 2 has no target (outside the overlap)
+    good = torch.full((1, 3, 4), -50.0)
+    good[0, 0, 1], good[0, 1, 2] = 50.0, 50.0
+    assert float(soft_target_cross_entropy(good, target)) < 1e-6
+    uniform = torch.zeros(1, 3, 4)
+    torch.testing.assert_close(soft_target_cross_entropy(uniform, target), torch.tensor(math.log(4)))
+
+
+def test_ace_local_terms_have_a_softmax_form_and_unknown_forms_are_refused() -> None:
+    from ace_model.method import ACE
+
+    config = tiny().override({"loss.local_form": "softmax"})
+    model = ACE(config)
+    assert model.config.loss.local_form == "softmax"
+    with pytest.raises(ValueError, match="local_form"):
+        ACE(tiny().override({"loss.local_form": "bce"}))

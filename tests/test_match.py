@@ -101,3 +101,70 @@ def test_refinement_ignores_masked_neighbours() -> None:
     sim[0, 2, 3] = -2.0  # masked right neighbour would otherwise pull the peak left
     refined = refine_peak(sim, *argmax_2d(sim), "quadratic")[0].numpy()
     np.testing.assert_allclose(refined, [2.0, 2.0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two levels, coarse to fine
+
+from ace_model.match import (  # noqa: E402
+    Levels,
+    MatchOptions,
+    common_looks,
+    look_scales,
+    match_points,
+    refine_near,
+)
+
+
+def smooth_levels(side: int, shift_px: tuple[int, int] = (0, 0), seed: int = 0) -> Levels:
+    """Levels of a smooth random image shifted by whole fine cells: grids of a side px input with
+    the coarse level at stride 16 and the fine level at stride 4, consistent with each other."""
+    gen = torch.Generator().manual_seed(seed)
+    base = F.interpolate(torch.randn(1, 16, side // 8, side // 8, generator=gen), size=(side, side),
+                         mode="bicubic", align_corners=False)  # (1, D, side, side) smooth field
+    base = torch.roll(base, shifts=(shift_px[1], shift_px[0]), dims=(2, 3))
+    fine = F.normalize(F.avg_pool2d(base, 4)[0].permute(1, 2, 0), dim=-1)
+    coarse = F.normalize(F.avg_pool2d(base, 16)[0].permute(1, 2, 0), dim=-1)
+    return Levels(coarse, fine, side, (0.0, 0.0, float(side), float(side)))
+
+
+def test_match_points_finds_a_shifted_image_at_fine_precision() -> None:
+    query, target = smooth_levels(128), smooth_levels(128, shift_px=(8, -12))
+    points = np.array([[40.0, 60.0], [66.0, 50.0], [58.0, 70.0]])  # fine cell centres
+    found = match_points(query, points, target)
+    # within the quadratic fit's bias on an asymmetric peak: well under half a fine cell (2 px)
+    np.testing.assert_allclose(found.xy, points + np.array([8, -12]), atol=1.5)
+    assert found.mutual.all() and ((found.confidence >= 0) & (found.confidence <= 1)).all()
+    coarse_only = match_points(query, points, target, MatchOptions(mode="coarse"))
+    assert np.abs(coarse_only.xy - (points + np.array([8, -12]))).max() > 1.0  # coarser alone
+
+
+def test_match_points_never_answers_on_letterbox_padding() -> None:
+    query = smooth_levels(128)
+    target = Levels(query.coarse, query.fine, 128, (0.0, 0.0, 128.0, 64.0))  # lower half is padding
+    found = match_points(query, np.array([[60.0, 100.0]]), target)
+    assert found.xy[0, 1] <= 64.0
+
+
+def test_a_second_look_at_twice_the_size_refines_within_its_window() -> None:
+    query, target = smooth_levels(64), smooth_levels(64, shift_px=(4, 4))
+    query_hi, target_hi = smooth_levels(128), smooth_levels(128, shift_px=(8, 8))
+    points = np.array([[30.0, 30.0]])
+    found = match_points(query, points, target, second_look=(query_hi, target_hi))
+    np.testing.assert_allclose(found.xy, points + 4, atol=0.6)
+    assert found.mutual.all()
+
+
+def test_refine_near_stays_within_the_radius() -> None:
+    query, target = smooth_levels(128), smooth_levels(128, shift_px=(20, 0))
+    xy, _ = refine_near(query, np.array([[40.0, 40.0]]), target, np.array([[40.0, 40.0]]), radius_px=6.0)
+    assert np.hypot(*(xy[0] - [40.0, 40.0])) <= 6.0 + 2.0  # peak refinement may move half a cell
+
+
+def test_look_scales_follow_the_image_resolution() -> None:
+    assert look_scales(512, 400, 224) == (2,)
+    assert look_scales(2000, 1800, 224) == (2, 4)
+    assert look_scales(2000, 1800, 224, max_scale=1) == ()
+    assert look_scales(200, 200, 224) == ()
+    small, large = smooth_levels(64), smooth_levels(128)
+    assert common_looks([small, large], [large]) == [(large, large)]

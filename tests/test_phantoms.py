@@ -1,9 +1,11 @@
 """Synthetic chest radiograph phantoms: determinism, anatomy of the landmarks, pose consistency,
-the landmark data set format and `ace data`."""
+the hard difficulty, the landmark data set format and `ace data`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +16,29 @@ from training.cli import main as ace
 from training.landmarks import LandmarkFormatError, read_landmark_set
 from training.phantoms import (
     LANDMARK_NAMES,
+    Anatomy,
     Phantom,
     PhantomConfig,
     Pose,
+    collimator_mask,
     generate_phantom,
     image_landmarks,
     render_phantom,
     sample_acquisition,
     sample_anatomy,
     sample_pose,
+    sample_view_extras,
     shifted,
     subject_geometry,
     subject_rng,
     template_matching_errors,
     warp,
+    write_phantom_set,
 )
 
 SIZE = 256
 CLEAN = PhantomConfig(size=SIZE, noise=False)
+HARD = PhantomConfig(size=SIZE, noise=False, difficulty="hard")
 SUBJECTS = range(6)
 
 
@@ -226,6 +233,194 @@ def test_rotated_landmarks_still_on_their_anatomy() -> None:
         assert pixel(phantom.masks[f"clavicle_{side}"], *phantom.landmarks[f"clavicle_head_{side}"])
 
 
+# --- standard images are pinned; the hard difficulty ---------------------------------------------
+
+
+def digest(phantom: Phantom) -> str:
+    sha = hashlib.sha256(phantom.image.tobytes())
+    sha.update(np.round(np.array(list(phantom.landmarks.values())), 6).tobytes())
+    return sha.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("config", "seed", "subject", "view", "expected"), [
+    (PhantomConfig(size=64), 0, 0, 0, "ecc8c52c4bda2259"),
+    (PhantomConfig(size=64), 3, 7, 1, "84b43f6775278e46"),
+    (PhantomConfig(size=64, bit_depth=16, noise=False), 11, 2, 0, "33929231dbf76a03"),
+])
+def test_standard_phantoms_are_pinned(config: PhantomConfig, seed: int, subject: int, view: int,
+                                      expected: str) -> None:
+    """Digests computed before `difficulty` existed: "standard" images and landmarks never change
+    without a GENERATOR_VERSION bump. (Should a numpy / scipy upgrade change them, recompute them
+    with the previous commit's generator, not with the code under test.)"""
+    assert config.difficulty == "standard"
+    assert digest(generate_phantom(subject, seed, config, view)) == expected
+
+
+def test_hard_differs_from_standard_and_is_deterministic() -> None:
+    hard = replace(HARD, noise=True)
+    first, again = (generate_phantom(4, seed=2, config=hard, view=1) for _ in range(2))
+    assert np.array_equal(first.image, again.image) and first.landmarks == again.landmarks
+    standard = generate_phantom(4, seed=2, config=PhantomConfig(size=SIZE), view=1)
+    assert np.abs(first.image.astype(float) - standard.image).mean() > 5
+    assert first.landmarks != standard.landmarks
+    with pytest.raises(ValueError, match="difficulty"):
+        PhantomConfig(difficulty="easy")
+
+
+def test_hard_views_share_the_patient_not_the_devices() -> None:
+    (first, pose0), (second, pose1) = (subject_geometry(3, 0, HARD, view) for view in (0, 1))
+    assert pose0 != pose1
+    assert first.lungs == second.lungs and first.heart == second.heart and first.wall == second.wall
+    assert first.effusion == second.effusion and first.nodules == second.nodules
+    extras = [sample_view_extras(subject_rng(0, 3, 5, view), first, pose, SIZE)
+              for view, pose in ((0, pose0), (1, pose1))]
+    assert (len(extras[0].wires), extras[0].blades) != (len(extras[1].wires), extras[1].blades)
+
+
+def spreads(config: PhantomConfig, subjects: int = 60) -> np.ndarray:
+    """Standard deviation over subjects of (lung height, soft-tissue thickness, rotation)."""
+    values = [(a.lungs["right"].dome_y - a.lungs["right"].apex_y, a.densities.soft, pose.rotation_deg)
+              for a, pose in (subject_geometry(s, 0, config) for s in range(subjects))]
+    return np.std(values, axis=0)
+
+
+def test_hard_subjects_vary_much_more() -> None:
+    assert np.all(spreads(HARD) > [1.3, 2.0, 1.5] * spreads(CLEAN))
+    hard = [subject_geometry(s, 0, HARD) for s in range(60)]
+    assert max(abs(pose.shift_x) for _, pose in hard) > CLEAN.max_shift * SIZE
+    assert 5 <= sum(anatomy.effusion is not None for anatomy, _ in hard) <= 30
+    assert sum(len(anatomy.nodules) > 0 for anatomy, _ in hard) >= 20
+
+
+def test_hard_landmarks_inside_the_image() -> None:
+    for subject in range(80):
+        anatomy, pose = subject_geometry(subject, 0, HARD)
+        xy = np.array(list(image_landmarks(anatomy, pose, SIZE).values()))
+        assert np.all((xy > 0.02 * SIZE) & (xy < 0.98 * SIZE)), subject
+    rendered = generate_phantom(5, config=HARD)
+    assert rendered.landmarks == image_landmarks(*subject_geometry(5, 0, HARD), SIZE)
+
+
+def hard_upright(subject: int, anatomy: Anatomy | None = None) -> Phantom:
+    """Hard subject `subject` (seed 0), or a variant of its anatomy, upright, with masks."""
+    anatomy = anatomy or subject_geometry(subject, 0, HARD)[0]
+    acquisition = sample_acquisition(subject_rng(0, subject, 2))
+    return render_phantom(anatomy, Pose(), acquisition, HARD, subject_rng(0, subject, 3), True)
+
+
+def relative_lung_height(anatomy: Anatomy) -> float:
+    return (anatomy.lungs["right"].dome_y - anatomy.lungs["right"].apex_y) / anatomy.size
+
+
+def test_inspiration_moves_the_domes_and_their_landmarks() -> None:
+    """Subjects breathing in deeper or shallower than their standard twin (relative to thorax size):
+    the dome landmark stays on the lung's lower edge, upright and in the hard view's pose."""
+    shifts = {s: relative_lung_height(subject_geometry(s, 0, HARD)[0])
+              - relative_lung_height(subject_geometry(s, 0, CLEAN)[0]) for s in range(12)}
+    chosen = [min(shifts, key=shifts.get), max(shifts, key=shifts.get)]
+    assert shifts[chosen[0]] < -0.03 and shifts[chosen[1]] > 0.03
+    for subject in chosen:
+        posed = generate_phantom(subject, 0, HARD, 0, with_masks=True)
+        for phantom, tolerance in ((hard_upright(subject), 2), (posed, 3)):
+            for side in ("left", "right"):
+                x, y = phantom.landmarks[f"hemidiaphragm_dome_{side}"]
+                assert pixel(phantom.masks[f"lung_{side}"], x, y - 0.02 * SIZE)
+                assert pixel(phantom.masks["abdomen"], x, y + 0.02 * SIZE)
+                lung_column = phantom.masks[f"lung_{side}"][:, int(x)]
+                assert abs(np.nonzero(lung_column)[0].max() + 1 - y) < tolerance, (subject, side)
+
+
+def heart_width(subject: int, config: PhantomConfig) -> float:
+    anatomy = subject_geometry(subject, 0, config)[0]
+    return anatomy.heart[2] / anatomy.size
+
+
+def test_cardiomegaly_heart_borders_sit_on_the_larger_heart() -> None:
+    enlarged = [s for s in range(20) if heart_width(s, HARD) > 1.15 * heart_width(s, CLEAN)]
+    assert enlarged
+    phantom = hard_upright(enlarged[0])
+    heart_columns = np.nonzero(phantom.masks["heart"].any(axis=0))[0]
+    for side, extreme in (("right", heart_columns.min()), ("left", heart_columns.max() + 1)):
+        x, y = phantom.landmarks[f"heart_border_{side}"]
+        assert abs(extreme - x) < 2
+        out = lateral(side) * 0.025 * SIZE
+        assert pixel(phantom.masks["heart"], x - out, y) and pixel(phantom.masks[f"lung_{side}"], x + out, y)
+        assert mean_around(phantom.image, x + out, y) < mean_around(phantom.image, x - out, y) - 20
+
+
+def test_effusion_fills_the_costophrenic_recess_without_moving_landmarks() -> None:
+    subject = next(s for s in range(20) if subject_geometry(s, 0, HARD)[0].effusion is not None)
+    anatomy = subject_geometry(subject, 0, HARD)[0]
+    wet, dry = hard_upright(subject), hard_upright(subject, replace(anatomy, effusion=None))
+    assert wet.landmarks == dry.landmarks
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    brighter = {}
+    for side in ("left", "right"):
+        x, y = wet.landmarks[f"costophrenic_angle_{side}"]
+        recess = wet.masks[f"lung_{side}"] & (np.hypot(cols - x, rows - y) < 0.05 * SIZE)
+        brighter[side] = float(wet.image[recess].mean()) - float(dry.image[recess].mean())
+    other = "left" if anatomy.effusion.side == "right" else "right"
+    assert brighter[anatomy.effusion.side] > 15 and abs(brighter[other]) < 3
+
+
+def test_nodules_are_round_densities_inside_the_lungs() -> None:
+    subject = next(s for s in range(20) if len(subject_geometry(s, 0, HARD)[0].nodules) >= 2)
+    anatomy = subject_geometry(subject, 0, HARD)[0]
+    with_nodules, without = hard_upright(subject), hard_upright(subject, replace(anatomy, nodules=()))
+    lungs = with_nodules.masks["lung_left"] | with_nodules.masks["lung_right"]
+    for x, y, _, _ in anatomy.nodules:
+        centre = (x * SIZE, y * SIZE)
+        assert pixel(lungs, *centre)
+        assert mean_around(with_nodules.image, *centre, 1) > mean_around(without.image, *centre, 1) + 5
+
+
+def test_devices_and_collimation_spare_the_landmarks() -> None:
+    views = [(s, v) for s in range(6) for v in range(2)]
+    for subject, view in views:
+        anatomy, pose = subject_geometry(subject, 0, HARD, view)
+        extras = sample_view_extras(subject_rng(0, subject, 5, view), anatomy, pose, SIZE)
+        shutter = collimator_mask(extras.blades, SIZE)
+        assert all(pixel(shutter, x, y) == 0 for x, y in image_landmarks(anatomy, pose, SIZE).values())
+    subject, view = 3, 0  # a nasogastric tube and ECG leads, dark shutter on the left and right edges
+    anatomy, pose = subject_geometry(subject, 0, HARD, view)
+    extras = sample_view_extras(subject_rng(0, subject, 5, view), anatomy, pose, SIZE)
+    assert extras.wires and extras.electrodes and extras.blades and extras.dark_shutter
+    acquisition = sample_acquisition(subject_rng(0, subject, 2, view))
+    plain, fitted = (render_phantom(anatomy, pose, acquisition, HARD, subject_rng(0, subject, 3), False, e)
+                     for e in (None, extras))
+    shutter = collimator_mask(extras.blades, SIZE)
+    assert np.all(fitted.image[shutter == 1] == 0) and plain.image[shutter == 1].mean() > 10
+    open_field = shutter == 0
+    assert np.mean(fitted.image[open_field].astype(int) > plain.image[open_field].astype(int) + 10) > 0.002
+    assert fitted.landmarks == plain.landmarks
+
+
+def test_bright_collimation_blocks_the_beam() -> None:
+    for subject in range(6):
+        anatomy, pose = subject_geometry(subject, 0, HARD)
+        extras = sample_view_extras(subject_rng(0, subject, 5), anatomy, pose, SIZE)
+        if extras.blades and not extras.dark_shutter:
+            break
+    phantom = generate_phantom(subject, 0, HARD)
+    shutter = collimator_mask(extras.blades, SIZE)
+    assert phantom.image[shutter == 1].mean() > 220
+
+
+def test_hard_sets_record_their_difficulty(tmp_path: Path) -> None:
+    config = PhantomConfig(size=64, difficulty="hard")
+    write_phantom_set(tmp_path / "api", 1, seed=3, config=config)
+    assert json.loads((tmp_path / "api" / "phantoms.json").read_text())["config"]["difficulty"] == "hard"
+    out = tmp_path / "cli"
+    assert ace(["data", "phantoms", "--n", "2", "--out", str(out), "--size", "64",
+                "--difficulty", "hard"]) == 0
+    assert json.loads((out / "phantoms.json").read_text())["config"]["difficulty"] == "hard"
+    items = read_landmark_set(out)
+    expected = generate_phantom(1, seed=0, config=config)
+    assert np.array_equal(np.asarray(Image.open(items[1].path)), expected.image)
+    with pytest.raises(SystemExit):
+        ace(["data", "phantoms", "--n", "1", "--out", str(tmp_path / "x"), "--difficulty", "easy"])
+
+
 # --- files: landmark sets and the CLI -----------------------------------------------------------
 
 
@@ -238,6 +433,7 @@ def test_cli_writes_the_documented_files_and_they_read_back(tmp_path: Path) -> N
     assert (out / "metadata.csv").read_text().splitlines()[0] == "image,image_id,patient_id"
     provenance = json.loads((out / "phantoms.json").read_text())
     assert provenance["subjects"] == [10, 12] and provenance["config"]["size"] == 96
+    assert provenance["config"]["difficulty"] == "standard"
     items = read_landmark_set(out)
     assert [item.image_id for item in items] == ["phantom_00010", "phantom_00011"]
     assert items[0].patient_id == "phantom_subject_00010" and items[0].image == "images/phantom_00010.png"

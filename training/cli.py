@@ -9,6 +9,7 @@ import sys
 
 COMMAND_MODULES = (
     "training.cmd_train",  # ace train, ace export, ace init-encoder
+    "training.cmd_dense",  # ace train-dense
     "training.cmd_data",  # ace data phantoms | demo
     "training.cmd_eval",  # ace eval
     "training.cmd_index",  # ace index build | add | remove | publish | rollback | list

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from skimage import data as skimage_data
 
 from training.landmarks import write_metadata_csv
-from training.phantoms import PhantomConfig, write_phantom_set
+from training.phantoms import DIFFICULTIES, PhantomConfig, write_phantom_set
 
 DEMO_PHANTOMS = 24
 SAMPLE_DICOM = "RG1_UNCR.dcm"  # a chest CR radiograph in pydicom-data
@@ -41,8 +41,12 @@ def _register_phantoms(commands: argparse._SubParsersAction[argparse.ArgumentPar
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     parser.add_argument("--start-id", type=int, default=0, help="first subject number (default 0)")
     parser.add_argument("--views", type=int, default=1,
-                        help="images per subject: same anatomy, new pose and exposure (default 1)")
+                        help="images per subject: same anatomy, new pose and exposure (hard: and new "
+                             "devices and collimation) (default 1)")
     parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth")
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="standard",
+                        help="hard: wider pose, body habitus, inspiration depth, cardiomegaly, effusion, "
+                             "nodules, tubes and wires, collimation (default standard; docs/data.md)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--force", action="store_true", help="replace phantoms in a non-empty --out")
     parser.set_defaults(func=run_phantoms)
@@ -64,7 +68,7 @@ def _register_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run_phantoms(args: argparse.Namespace) -> int:
     try:
-        config = PhantomConfig(size=args.size, bit_depth=args.bit_depth)
+        config = PhantomConfig(size=args.size, bit_depth=args.bit_depth, difficulty=args.difficulty)
         out = write_phantom_set(args.out, args.n, args.seed, config, args.start_id, args.views, args.force,
                                 args.workers)
     except (ValueError, FileExistsError) as err:

@@ -3,7 +3,7 @@
 The options become ACE_ environment variables and uvicorn imports the app factory by name
 ("service.main:create_app_from_env"), so this package never imports `service`.
 `--demo` (and `ace demo`) first fills $ACE_HOME (default ./var/ace) with whatever is missing:
-the bundled demo data, a short demo training run exported as an encoder, and a published index.
+the bundled demo data, the shipped encoder (artifacts/ace-dense-phantoms), and a published index.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 
 APP = "service.main:create_app_from_env"
 DEFAULT_HOME = "var/ace"
-PRETRAINED = Path("artifacts/ace-cpu-phantoms")  # used instead of demo training when present
+# The shipped default encoder (committed; trained on synthetic phantoms only, see BENCHMARKS.md).
+# Demo training runs only when a checkout lacks it.
+PRETRAINED = Path(__file__).resolve().parents[1] / "artifacts" / "ace-dense-phantoms"
 DEMO_STEPS = 40  # a few minutes on 2 idle CPU cores (~3-5 s per step of the cpu preset)
 
 ENV_OPTIONS = {  # argparse dest -> environment variable read by service.config.Settings

@@ -52,9 +52,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# ACE evaluation report", "", f"Command: `{report['command']}`", "",
              f"Data: `{report['data']}`: {report['n_images']} images, {report['n_pairs']} ordered "
              "(query, target) pairs; every shared landmark of the query is located in the target.", ""]
+    lines += figures_section(report)
     lines += method_section(report["methods"])
     lines += landmark_section(report["landmarks"])
+    lines += calibration_section(report["landmarks"], "phantom landmarks")
+    if "timing" in report:
+        lines += timing_section(report["timing"])
     lines += crop_section(report["crop_retrieval"])
+    if "landmark_retrieval" in report:
+        lines += landmark_retrieval_section(report["landmark_retrieval"])
     if "real" in report:
         lines += real_section(report["real"])
     lines += ["## Plots", "", f"![error per landmark]({ERROR_PLOT})", "",
@@ -62,16 +68,75 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.{digits}f}"
+
+
+def num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def figures_section(report: dict[str, Any]) -> list[str]:
+    """The headline table: accuracy and time per pair of every method, phantoms and real images."""
+    real = report.get("real", {}).get("methods", {})
+    timing = report.get("timing", {})
+    rows = []
+    for name, metrics in report["landmarks"].items():
+        o = metrics["overall"]
+        row = [name, num(o["median_pct"]), pct(o["success_2pct"]), pct(o["success_5pct"]),
+               seconds(timing.get(name, {}).get("seconds_per_pair"))]
+        if real:
+            r = real[name]["overall"]
+            row += [num(r["median_pct"]), pct(r["success_2pct"]), pct(r["success_5pct"]),
+                    seconds(real[name]["timing"]["seconds_per_pair"])]
+        rows.append(row)
+    header = ["method", "phantoms: median % diag", "≤2 % (%)", "≤5 % (%)", "time per pair"]
+    if real:
+        header += ["real: median % diag", "≤2 % (%)", "≤5 % (%)", "time per pair"]
+    return ["## Figures", "", *table(header, rows), "", *speed_lines(report), ""]
+
+
+def speed_lines(report: dict[str, Any]) -> list[str]:
+    """'NAME answers a pair Nx faster than full-resolution NCC' for the first encoder method."""
+    first = next((m["name"] for m in report["methods"] if m["kind"] == "encoder"), None)
+    lines = []
+    for label, timing in (("phantoms", report.get("timing", {})),
+                          ("real images", {k: v["timing"] for k, v in report.get("real", {})
+                                           .get("methods", {}).items()})):
+        if first in timing and "ncc-full" in timing:
+            ours, ncc = timing[first]["seconds_per_pair"], timing["ncc-full"]["seconds_per_pair"]
+            ratio = ncc / ours
+            verdict = f"{ratio:.1f}x faster than" if ratio >= 1 else f"{1 / ratio:.1f}x slower than"
+            lines.append(f"- {label}: `{first}` answered a pair {verdict} full-resolution NCC "
+                         f"({seconds(ours)} vs {seconds(ncc)} per pair).")
+    if lines:
+        lines += ["", "Time per pair = preparation per image (an encoder's embedding at every size it "
+                  "uses, shared by all pairs of that image) + matching of the pair with all its points; "
+                  "CPU wall time on the evaluation machine (see Timing)."]
+    return lines
+
+
 def method_section(methods: Sequence[dict[str, Any]]) -> list[str]:
     rows = [[m["name"], m["kind"], m.get("backbone", "-"), m.get("img_size", "-"), method_setting(m)]
             for m in methods]
-    return ["## Methods", "", *table(("method", "kind", "backbone", "input px", "fingerprint / setting"),
-                                     rows), ""]
+    return ["## Methods", "", *table(("method", "kind", "backbone", "input px", "setting"), rows), ""]
 
 
 def method_setting(method: dict[str, Any]) -> str:
     if "fingerprint" in method:
-        return str(method["fingerprint"])
+        if "mode" not in method:
+            return str(method["fingerprint"])
+        look = ", second looks at 2x/4x (as the resolution allows)" if method.get("second_look") else ""
+        return (f"levels {method['mode']}{look}, refine {method['refine']}; "
+                f"encoder {method['fingerprint']}")
+    if "template_fraction" in method:
+        return f"template {100 * method['template_fraction']:.1f} % of the longer side"
     return f"template {method['template_px']} px" if "template_px" in method else "-"
 
 
@@ -100,6 +165,33 @@ def mutual_lines(landmarks: dict[str, Any]) -> list[str]:
             "and the mean error (% of diagonal) of mutual and non-mutual matches:", "",
             *table(("method", "mutual (%)", "mean % diag, mutual", "mean % diag, not mutual"), rows), ""]
 
+CALIBRATION_NOTE = ("Error against the matcher's confidence (the softmax mass near the peak): fixed bins, "
+                    "then quartiles of each method's confidences (equal counts). A useful confidence has "
+                    "the error falling and the share within 5 % rising from bin to bin.")
+
+
+def calibration_section(per_method: dict[str, Any], what: str) -> list[str]:
+    fixed, quartiles = [], []
+    for name, m in per_method.items():
+        if "calibration" not in m:
+            continue
+        for rows, bins, digits in ((fixed, m["calibration"]["fixed"], 2),
+                                   (quartiles, m["calibration"]["quartiles"], 4)):
+            rows += [[name, f"{b['low']:.{digits}f}-{b['high']:.{digits}f}", b["n"], num(b["median_pct"]),
+                      pct(b["success_2pct"]), pct(b["success_5pct"])] for b in bins]
+    if not fixed:
+        return []
+    header = ("method", "confidence", "n", "median % diag", "≤2 % (%)", "≤5 % (%)")
+    return [f"## Confidence calibration ({what})", "", CALIBRATION_NOTE, "", "Fixed bins:", "",
+            *table(header, fixed), "", "Quartiles:", "", *table(header, quartiles), ""]
+
+
+def timing_section(timing: dict[str, Any]) -> list[str]:
+    rows = [[name, seconds(t["fit_seconds_per_image"]), seconds(t["locate_seconds_per_pair"]),
+             seconds(t["seconds_per_pair"])] for name, t in timing.items()]
+    return ["## Timing (phantoms)", "",
+            *table(("method", "preparation per image", "matching per pair", "time per pair"), rows), ""]
+
 
 def crop_section(crop: dict[str, Any]) -> list[str]:
     rows = [[name, f"{100 * r['top1']:.1f}", f"{100 * r['chance']:.1f}", int(r["groups"]),
@@ -110,13 +202,61 @@ def crop_section(crop: dict[str, Any]) -> list[str]:
             *table(("method", "top-1 (%)", "chance (%)", "groups", "group size"), rows), ""]
 
 
+def landmark_retrieval_section(retrieval: dict[str, Any]) -> list[str]:
+    first = next(iter(retrieval.values()))
+    methods = list(retrieval)
+    rows = [[name, pct(r["share"]), pct(r["share_cell_centre"]), r["n_queries"], r["n_hits"]]
+            for name, r in retrieval.items()]
+    landmarks = list(first["per_landmark"])
+    per = [[lm, *(pct(retrieval[m]["per_landmark"].get(lm, {}).get("share")) for m in methods)]
+           for lm in landmarks]
+    return ["## Landmark retrieval over an index", "",
+            f"Each landmark of each image is searched among the images of the other subjects: exact "
+            f"cosine search of its coarse vector over every coarse cell, the best cell per image, the "
+            f"top {first['k']} images; each hit is then located with the matcher (coarse to fine) and "
+            f"counts when it lies within {first['threshold_pct']:g} % of the diagonal of the same "
+            "landmark in that image. 'cell centre' places the hit at its retrieved coarse cell instead.",
+            "", *table(("method", f"share of top-{first['k']} hits (%)", "cell centre (%)", "queries",
+                        "hits"), rows), "", "Per landmark (%):", "", *table(("landmark", *methods), per), ""]
+
+
 def real_section(real: dict[str, Any]) -> list[str]:
-    rows = [[method, image, *summary_cells(s)] for method, per_image in real.items()
-            for image, s in per_image.items()]
-    return ["## Real images under known affine warps", "",
-            "A grid of points in the original located in a randomly warped copy (rotation ±10°, "
-            "scale 0.9-1.1, shear ±0.05 rad, shift ±5 %); errors in the warped image's pixels.", "",
-            *table(("method", "image", *SUMMARY_HEADER), rows), ""]
+    methods = real["methods"]
+    kinds = list(next(iter(methods.values()))["per_kind"])
+    overall = [[name, kind, *summary_cells(m["per_kind"][kind])] for name, m in methods.items()
+               for kind in kinds]
+    overall += [[name, "all", *summary_cells(m["overall"])] for name, m in methods.items()]
+    images = [[i["name"], i["source"], i["modality"], f"{i['size'][0]}x{i['size'][1]}", i["note"] or "-"]
+              for i in real["images"]]
+    names = [i["name"] for i in real["images"]]
+    per_image = [[image, kind, *(num(methods[m]["per_image"][image][kind]["median_pct"]) for m in methods)]
+                 for image in names for kind in kinds]
+    return ["## Real images under known warps", "",
+            f"{len(names)} real images, {real['warps_per_kind']} warp(s) per image and kind. affine: "
+            "rotation ±10°, scale 0.9-1.1, shear ±0.05 rad, shift ±5 %; elastic: half that affine plus a "
+            "smooth random displacement field (low-frequency sinusoids, up to ~4 % of the shorter side). "
+            "Points on a grid of the warped image, mapped exactly to the original through the known "
+            "map; the original's points are located in the warped copy; errors in its pixels.", "",
+            *table(("image", "source", "modality", "size", "note"), images), "",
+            *skipped_lines(real["skipped"]),
+            *table(("method", "warp", *SUMMARY_HEADER), overall), "",
+            "Median error per image, % of the diagonal:", "",
+            *table(("image", "warp", *methods), per_image), "",
+            *calibration_section(methods, "real images")]
+
+
+def skipped_lines(skipped: Sequence[dict[str, str]]) -> list[str]:
+    if not skipped:
+        return []
+    groups: dict[str, list[str]] = {}
+    for s in skipped:
+        key = s["reason"] if not s["reason"].startswith(("the same image", "another encoding")) else \
+            "the same acquisition as a kept image (another encoding or a crop)"
+        groups.setdefault(key, []).append(s["name"])
+    rows = [[reason, len(files), ", ".join(files[:6]) + (" ..." if len(files) > 6 else "")]
+            for reason, files in groups.items()]
+    return ["Files with pixel data that were skipped (report.json lists each):", "",
+            *table(("reason", "files", "examples"), rows), ""]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ are exact to the interpolation of the warp.
 Random streams are separated per subject and per part (anatomy / pose / acquisition / noise), so
 subject k of seed s is the same patient whatever else is generated, and extra views of one
 subject differ only in pose and exposure.
+
+`PhantomConfig(difficulty="hard")` widens the pose and adds body habitus, inspiration depth,
+cardiomegaly, pleural effusion and nodules (per subject, stream 4) and tubes, wires and
+collimation (per view, stream 5). Those streams are new, so "standard" images are unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw
 from skimage.feature import match_template
+from skimage.measure import points_in_poly
 from tqdm import tqdm
 
 from training.landmarks import write_landmarks_csv, write_metadata_csv
@@ -51,22 +57,26 @@ LANDMARK_NAMES = (
 GENERATOR_VERSION = 2
 # Patient's side -> direction on the image in a PA view (patient's left appears on the right).
 SIDES = {"right": -1.0, "left": 1.0}
+DIFFICULTIES = ("standard", "hard")
 
 
 @dataclass(frozen=True)
 class PhantomConfig:
     size: int = 512  # image width = height in pixels
     bit_depth: int = 8  # 8 or 16 (PNG grey levels)
-    max_rotation_deg: float = 7.0  # pose rotation drawn from +-this
-    max_shift: float = 0.07  # pose shift drawn from +-this fraction of the size, per axis
-    scale_range: tuple[float, float] = (0.86, 1.1)  # pose zoom range
+    max_rotation_deg: float = 7.0  # pose rotation drawn from +-this (x2 when hard)
+    max_shift: float = 0.07  # pose shift drawn from +-this fraction of the size, per axis (x1.6 when hard)
+    scale_range: tuple[float, float] = (0.86, 1.1)  # pose zoom range (widened when hard)
     noise: bool = True  # quantum noise; off gives the expected image (tests)
+    difficulty: str = "standard"  # "hard": more varied patients, findings, devices (docs/data.md)
 
     def __post_init__(self) -> None:
         if self.size < 64:
             raise ValueError(f"phantom size must be at least 64 pixels, got {self.size}")
         if self.bit_depth not in (8, 16):
             raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}")
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,15 @@ class Densities:
 
 
 Vessel = tuple[np.ndarray, float, float]  # centreline (K, 2) in unit coordinates, start / end width
+Nodule = tuple[float, float, float, float]  # centre x, y, radius (unit coordinates), peak density
+Wire = tuple[np.ndarray, float, float]  # centreline (K, 2) in unit coordinates, width, density
+Blade = tuple[int, float, float]  # image edge (0 left, 1 top, 2 right, 3 bottom), depth (px), slope
+
+
+@dataclass(frozen=True)
+class Effusion:
+    side: str  # patient's side
+    height: float  # of the fluid at the lateral chest wall above the costophrenic angle
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +164,20 @@ class Anatomy:
     vessels: dict[str, list[Vessel]]
     densities: Densities
     texture_seed: int  # parenchymal texture, fixed per subject
+    wall: float = 0.07  # chest-wall soft tissue lateral of the lungs, in thorax units
+    effusion: Effusion | None = None
+    nodules: tuple[Nodule, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ViewExtras:
+    """What a hard view adds: tubes and wires (canonical frame: they move with the patient) and
+    collimator blades (image frame: they belong to the machine)."""
+
+    wires: tuple[Wire, ...]
+    electrodes: tuple[tuple[float, float, float], ...]  # ECG electrode centre x, y, radius
+    blades: tuple[Blade, ...]
+    dark_shutter: bool  # blades blacked out on the display instead of blocking the beam (white)
 
 
 @dataclass(frozen=True)
@@ -166,7 +199,8 @@ class Phantom:
 
 
 def subject_rng(seed: int, subject: int, stream: int, view: int = 0) -> np.random.Generator:
-    """Independent stream per (seed, subject, view, part): 0 anatomy, 1 pose, 2 acquisition, 3 noise."""
+    """Independent stream per (seed, subject, view, part): 0 anatomy, 1 pose, 2 acquisition, 3 noise,
+    4 hard subject (habitus, findings; view 0), 5 hard view (devices, collimation)."""
     return np.random.default_rng(np.random.SeedSequence([seed, subject, view, stream]))
 
 
@@ -177,13 +211,26 @@ def generate_phantom(
     config = config or PhantomConfig()
     anatomy, pose = subject_geometry(subject, seed, config, view)
     acquisition = sample_acquisition(subject_rng(seed, subject, 2, view))
-    return render_phantom(anatomy, pose, acquisition, config, subject_rng(seed, subject, 3, view), with_masks)
+    extras = None
+    if config.difficulty == "hard":
+        extras = sample_view_extras(subject_rng(seed, subject, 5, view), anatomy, pose, config.size)
+    rng = subject_rng(seed, subject, 3, view)
+    return render_phantom(anatomy, pose, acquisition, config, rng, with_masks, extras)
 
 
 def subject_geometry(subject: int, seed: int, config: PhantomConfig, view: int = 0) -> tuple[Anatomy, Pose]:
     """The anatomy and pose of a view, without rendering it (cheap)."""
-    anatomy = sample_anatomy(subject_rng(seed, subject, 0))
+    anatomy = sample_subject(subject, seed, config)
     return anatomy, sample_fitting_pose(subject_rng(seed, subject, 1, view), config, anatomy)
+
+
+def sample_subject(subject: int, seed: int, config: PhantomConfig) -> Anatomy:
+    """Stream 0 draws the standard patient; a hard one gets habitus and findings from stream 4."""
+    if config.difficulty == "standard":
+        return sample_anatomy(subject_rng(seed, subject, 0))
+    rng = subject_rng(seed, subject, 4)
+    anatomy = sample_anatomy(subject_rng(seed, subject, 0), thorax=rng.uniform(0.85, 1.08))
+    return add_findings(with_habitus(anatomy, rng), rng)
 
 
 def image_landmarks(anatomy: Anatomy, pose: Pose, size: int) -> dict[str, tuple[float, float]]:
@@ -197,11 +244,20 @@ def image_landmarks(anatomy: Anatomy, pose: Pose, size: int) -> dict[str, tuple[
 # Sampling
 
 
+def pose_limits(config: PhantomConfig) -> tuple[float, float, tuple[float, float]]:
+    """Rotation (deg), shift (fraction of the size) and zoom range: hard patients are positioned worse."""
+    if config.difficulty == "standard":
+        return config.max_rotation_deg, config.max_shift, config.scale_range
+    low, high = config.scale_range
+    return 2.0 * config.max_rotation_deg, 1.6 * config.max_shift, (0.93 * low, 1.04 * high)
+
+
 def sample_pose(rng: np.random.Generator, config: PhantomConfig) -> Pose:
-    shift = config.max_shift * config.size
+    rotation, shift, zoom = pose_limits(config)
+    shift = shift * config.size
     return Pose(
-        rotation_deg=rng.uniform(-config.max_rotation_deg, config.max_rotation_deg),
-        scale=rng.uniform(*config.scale_range),
+        rotation_deg=rng.uniform(-rotation, rotation),
+        scale=rng.uniform(*zoom),
         shift_x=rng.uniform(-shift, shift),
         shift_y=rng.uniform(-shift, shift),
     )
@@ -232,8 +288,9 @@ def sample_acquisition(rng: np.random.Generator) -> Acquisition:
     )
 
 
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
-    midline, scale = 0.5 + rng.uniform(-0.015, 0.015), rng.uniform(0.9, 1.08)
+def sample_anatomy(rng: np.random.Generator, thorax: float = 1.0) -> Anatomy:
+    """thorax: factor on the subject's thorax scale (hard subjects vary it)."""
+    midline, scale = 0.5 + rng.uniform(-0.015, 0.015), rng.uniform(0.9, 1.08) * thorax
     apex_y = 0.45 - scale * rng.uniform(0.29, 0.34)
     dome_right = 0.45 + scale * rng.uniform(0.17, 0.25)
     dome_left = dome_right + scale * rng.uniform(0.01, 0.045)
@@ -370,6 +427,208 @@ def _sample_densities(rng: np.random.Generator) -> Densities:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hard difficulty: habitus and findings per subject (stream 4), devices and collimation per view
+# (stream 5). Habitus and findings change the Anatomy itself, so the landmarks follow them.
+
+
+def with_habitus(anatomy: Anatomy, rng: np.random.Generator) -> Anatomy:
+    """Inspiration depth, build (soft-tissue thickness, chest-wall width) and cardiomegaly."""
+    anatomy = _inspire(anatomy, anatomy.size * rng.uniform(-0.06, 0.045))
+    build = rng.uniform(0.0, 1.0)
+    densities = replace(anatomy.densities, soft=anatomy.densities.soft * (0.85 + 0.65 * build))
+    anatomy = replace(anatomy, densities=densities, wall=0.05 + 0.09 * build)
+    cardiomegaly = rng.uniform(1.2, 1.5)
+    return _enlarge_heart(anatomy, cardiomegaly) if rng.random() < 0.3 else anatomy
+
+
+def _inspire(anatomy: Anatomy, delta: float) -> Anatomy:
+    """Both domes move by `delta` (down = deeper breath). The heart rests on the diaphragm and the
+    vessels below the hila stretch with the lungs; the ribs stay, so more or fewer of them show."""
+    lungs = {side: replace(lung, dome_y=lung.dome_y + delta) for side, lung in anatomy.lungs.items()}
+    cx, cy, rx, ry, tilt = anatomy.heart
+    vessels = {}
+    for side, trees in anatomy.vessels.items():
+        hilum_y, dome_y = anatomy.hila[side][1], anatomy.lungs[side].dome_y
+        stretch = (dome_y + delta - hilum_y) / (dome_y - hilum_y)
+        vessels[side] = [(_stretch_below(centre, hilum_y, stretch), w0, w1) for centre, w0, w1 in trees]
+    return replace(anatomy, lungs=lungs, heart=(cx, cy + delta, rx, ry, tilt), vessels=vessels)
+
+
+def _stretch_below(points: np.ndarray, top: float, factor: float) -> np.ndarray:
+    y = points[:, 1]
+    return np.stack([points[:, 0], np.where(y > top, top + (y - top) * factor, y)], 1)
+
+
+def _enlarge_heart(anatomy: Anatomy, factor: float) -> Anatomy:
+    """A wider heart, grown mostly to the patient's left, shrunk back until the left dome (which
+    sampling keeps lateral of the heart) still fits between heart and chest wall."""
+    lung = anatomy.lungs["left"]
+    room = lung.cp_off - 0.035 * anatomy.size - 0.02
+    cx, cy, rx, ry, tilt = anatomy.heart
+    for grow in np.linspace(factor - 1, 0, 7)[:-1]:
+        heart = (cx + 0.5 * grow * rx, cy, (1 + grow) * rx, (1 + 0.5 * grow) * ry, tilt)
+        reach = float(heart_outline(heart)[:, 0].max()) - anatomy.midline
+        if reach <= room:
+            left = replace(lung, dome_off=max(lung.dome_off, reach + 0.02))
+            return replace(anatomy, heart=heart, lungs={**anatomy.lungs, "left": left})
+    return anatomy
+
+
+def add_findings(anatomy: Anatomy, rng: np.random.Generator) -> Anatomy:
+    """Sometimes a pleural effusion on one side; 0-3 lung nodules."""
+    side, height = ("right", "left")[int(rng.integers(2))], rng.uniform(0.5, 1.2)
+    effusion = Effusion(side, height * anatomy.lungs[side].cp_depth) if rng.random() < 0.3 else None
+    return replace(anatomy, effusion=effusion, nodules=_sample_nodules(rng, anatomy))
+
+
+def _sample_nodules(rng: np.random.Generator, anatomy: Anatomy) -> tuple[Nodule, ...]:
+    """Round densities wholly inside a lung field (not behind the heart, mediastinum or diaphragm)."""
+    count = int(rng.choice([0, 0, 1, 1, 2, 3]))
+    fields = {side: lung_outline(anatomy.lungs[side], anatomy.midline, sign) for side, sign in SIDES.items()}
+    hidden = [heart_outline(anatomy.heart), mediastinum_outline(anatomy), abdomen_outline(anatomy)]
+    rim = np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]])
+    nodules: list[Nodule] = []
+    for _ in range(30 * count):
+        side = ("right", "left")[int(rng.integers(2))]
+        lung = anatomy.lungs[side]
+        centre = (anatomy.midline + SIDES[side] * rng.uniform(lung.medial_off, lung.lateral_off),
+                  rng.uniform(lung.apex_y, lung.cp_y))
+        radius, value = anatomy.size * rng.uniform(0.006, 0.018), rng.uniform(0.2, 0.45)
+        disc = centre + rim * radius
+        covered = any(points_in_poly(disc, outline).any() for outline in hidden)
+        if points_in_poly(disc, fields[side]).all() and not covered:
+            nodules.append((*centre, radius, value))
+        if len(nodules) == count:
+            break
+    return tuple(nodules)
+
+
+def pleural_fluid(anatomy: Anatomy, unit: np.ndarray) -> np.ndarray | float:
+    """Fraction of the lung air column replaced by fluid: a meniscus rising towards the chest wall,
+    filling the costophrenic recess (the angle landmark stays at the recess, now hidden)."""
+    if anatomy.effusion is None:
+        return 0.0
+    lung, sign = anatomy.lungs[anatomy.effusion.side], SIDES[anatomy.effusion.side]
+    off = sign * (unit[None, :] - anatomy.midline)
+    lateral = np.clip((off - lung.dome_off) / (lung.cp_off - lung.dome_off), 0, None)
+    surface = lung.cp_y - anatomy.effusion.height * lateral**1.5
+    return np.clip((unit[:, None] - surface) / 0.02, 0, 1) * (lateral > 0)
+
+
+def _nodules(nodules: tuple[Nodule, ...], unit: np.ndarray) -> np.ndarray | float:
+    """Projected thickness of spheres."""
+    total: np.ndarray | float = 0.0
+    for x, y, radius, value in nodules:
+        r2 = ((unit[None, :] - x) ** 2 + (unit[:, None] - y) ** 2) / radius**2
+        total = total + value * np.sqrt(np.clip(1 - r2, 0, None))
+    return total
+
+
+def sample_view_extras(rng: np.random.Generator, anatomy: Anatomy, pose: Pose, size: int) -> ViewExtras:
+    """Each view: maybe a nasogastric tube, a central line, ECG leads; collimator blades that
+    stop short of every landmark."""
+    wires = [_nasogastric_tube(rng, anatomy), _central_line(rng, anatomy)]
+    wires = [wire for wire, p in zip(wires, (0.5, 0.4), strict=True) if rng.random() < p]
+    electrodes, leads = _ecg_leads(rng, anatomy)
+    if rng.random() < 0.5:
+        electrodes, leads = (), []
+    blades = _sample_blades(rng, image_landmarks(anatomy, pose, size), size)
+    return ViewExtras(tuple(wires + leads), electrodes, blades, dark_shutter=bool(rng.random() < 0.4))
+
+
+def _bezier(control: list[tuple[float, float]], n: int = 48) -> np.ndarray:
+    t = np.linspace(0, 1, n)[:, None]
+    k = len(control) - 1
+    return sum(comb(k, i) * t**i * (1 - t) ** (k - i) * np.asarray(p) for i, p in enumerate(control))
+
+
+def _nasogastric_tube(rng: np.random.Generator, anatomy: Anatomy) -> Wire:
+    """Down the oesophagus, left of the spine, through the hiatus into the stomach."""
+    m, carina_y, lung = anatomy.midline, anatomy.trachea[1], anatomy.lungs["left"]
+    path = [(m + rng.uniform(-0.01, 0.01), -0.3), (m + rng.uniform(0.0, 0.03), carina_y),
+            (m + rng.uniform(0.02, 0.06), lung.dome_y + 0.03),
+            (m + 0.8 * lung.dome_off + rng.uniform(-0.04, 0.04), lung.dome_y + rng.uniform(0.06, 0.12))]
+    return _bezier(path), rng.uniform(0.003, 0.005), rng.uniform(0.3, 0.5)
+
+
+def _central_line(rng: np.random.Generator, anatomy: Anatomy) -> Wire:
+    """From beyond the field through a subclavian vein to a tip in the superior vena cava."""
+    sign, m = (-1.0, 1.0)[int(rng.integers(2))], anatomy.midline
+    head_y = anatomy.clavicles["right" if sign < 0 else "left"][0]
+    tip = (m - rng.uniform(0.02, 0.05), anatomy.trachea[1] + rng.uniform(0, 0.06))
+    path = [(m + sign * rng.uniform(0.3, 0.45), -0.3), (m + sign * rng.uniform(0.2, 0.28), head_y + 0.04),
+            (m + sign * 0.06, head_y + 0.03), tip]
+    return _bezier(path), rng.uniform(0.003, 0.005), rng.uniform(0.3, 0.5)
+
+
+def _ecg_leads(
+    rng: np.random.Generator, anatomy: Anatomy
+) -> tuple[tuple[tuple[float, float, float], ...], list[Wire]]:
+    """Electrodes on the shoulders and lower chest, each with a wire curling off the field."""
+    spots = [(-1.0, 0.1, 0.22), (1.0, 0.1, 0.22), (1.0, 0.65, 0.85), (-1.0, 0.65, 0.85)]  # (side, y range)
+    electrodes, wires = [], []
+    for sign, top, bottom in spots[: int(rng.integers(3, 5))]:
+        x, y = anatomy.midline + sign * rng.uniform(0.18, 0.35), rng.uniform(top, bottom)
+        bend = (x + rng.uniform(-0.2, 0.2), y + rng.uniform(-0.2, 0.2))
+        off_field = ((-0.4, 1.4)[int(rng.integers(2))], y + rng.uniform(-0.3, 0.3))
+        electrodes.append((x, y, rng.uniform(0.011, 0.016)))
+        wires.append((_bezier([(x, y), bend, off_field]), rng.uniform(0.0015, 0.003), rng.uniform(0.6, 1.0)))
+    return tuple(electrodes), wires
+
+
+def _sample_blades(
+    rng: np.random.Generator, landmarks: dict[str, tuple[float, float]], size: int
+) -> tuple[Blade, ...]:
+    points = np.array(list(landmarks.values()))
+    blades = []
+    for edge in range(4):
+        depth, slope, present = rng.uniform(0.02, 0.15) * size, rng.uniform(-0.05, 0.05), rng.random() < 0.5
+        inward, along = _edge_coordinates(edge, points[:, 0], points[:, 1], size)
+        room = float(np.min(inward - slope * along)) - 0.02 * size
+        if present and room > 2:
+            blades.append((edge, min(depth, room), slope))
+    return tuple(blades)
+
+
+def _edge_coordinates(edge: int, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distance inwards from the image edge, position along it from its middle)."""
+    return [(x, y - size / 2), (y, x - size / 2), (size - x, y - size / 2), (size - y, x - size / 2)][edge]
+
+
+def collimator_mask(blades: tuple[Blade, ...], size: int) -> np.ndarray:
+    """Fraction of each image pixel behind a blade (a one-pixel penumbra)."""
+    centres = np.arange(size) + 0.5
+    covered = np.zeros((size, size))
+    for edge, depth, slope in blades:
+        inward, along = _edge_coordinates(edge, centres[None, :], centres[:, None], size)
+        covered = np.maximum(covered, np.clip(depth + slope * along - inward + 0.5, 0, 1))
+    return covered
+
+
+def device_density(extras: ViewExtras, pose: Pose, size: int) -> np.ndarray:
+    """Attenuation of the tubes, wires and ECG electrodes, drawn straight into the image through the
+    pose: warping them would smear wires that leave the canonical frame along its edge."""
+    canvas = np.zeros((size, size), dtype=np.float32)
+    circle = np.stack([np.cos(np.linspace(0, 2 * np.pi, 24)), np.sin(np.linspace(0, 2 * np.pi, 24))], 1)
+    for x, y, radius in extras.electrodes:
+        centre = pose.apply(np.array([[x, y]]) * size, size) / size
+        _add_fill(canvas, circle * radius * pose.scale + centre, 0.25)
+        _add_fill(canvas, circle * 0.3 * radius * pose.scale + centre, 1.0)  # the metal snap
+    for centre, width, value in extras.wires:
+        _add_wire(canvas, pose.apply(centre * size, size) / size, width * pose.scale, value)
+    return ndimage.gaussian_filter(canvas, 0.5 * size / 512)
+
+
+def _add_wire(canvas: np.ndarray, centre: np.ndarray, width: float, value: float) -> None:
+    """Below ~1.5 px wide, a one-pixel line carrying the same attenuation per unit length."""
+    size = canvas.shape[0]
+    if width * size >= 1.5:
+        _add_fill(canvas, band_outline(centre, width), value)
+    else:
+        _add_polyline(canvas, centre, value * width * size)
+
+
+# ---------------------------------------------------------------------------------------------
 # Shapes in unit coordinates; landmarks are points of these outlines
 
 
@@ -444,7 +703,7 @@ def abdomen_outline(anatomy: Anatomy) -> np.ndarray:
 def body_outline(anatomy: Anatomy) -> np.ndarray:
     """Neck, shoulders and chest wall; the arms leave the field at the top corners."""
     lungs = anatomy.lungs
-    wall = 0.5 * (lungs["right"].lateral_off + lungs["left"].lateral_off) + 0.07 * anatomy.size
+    wall = 0.5 * (lungs["right"].lateral_off + lungs["left"].lateral_off) + anatomy.wall * anatomy.size
     half = np.array([[0.085, -0.1], [0.085, 0.02], [0.13, 0.05], [0.25, 0.075], [0.38, 0.095],
                      [0.46, 0.12], [0.52, 0.17], [0.56, 0.25], [0.62, 0.33], [wall + 0.03, 0.40],
                      [wall, 0.48], [wall + 0.01, 0.7], [wall + 0.03, 1.2]])
@@ -560,7 +819,7 @@ def canonical_density(anatomy: Anatomy, size: int) -> tuple[np.ndarray, dict[str
     # An elliptical cross-section: thick in the middle, thin at the chest wall.
     across = np.clip(1 - ((unit[None, :] - anatomy.midline) / 0.56) ** 2, 0, 1)
     thickness = d.soft * (0.45 + 0.65 * np.sqrt(across))
-    lungs = _lung_air(masks, size)
+    lungs = _lung_air(masks, size) * (1 - pleural_fluid(anatomy, unit))
     density = masks["body"] * thickness
     density += d.mediastinum * (masks["mediastinum"] | masks["heart"]) + d.heart * masks["heart"]
     density += (d.liver * masks["abdomen"] - _gas_bubble(anatomy, unit)) * masks["body"]
@@ -568,7 +827,7 @@ def canonical_density(anatomy: Anatomy, size: int) -> tuple[np.ndarray, dict[str
     base_fade = 1 - 0.3 * np.clip((unit[:, None] - anatomy.hila["right"][1]) / 0.3, 0, 1)
     density -= thickness * d.lung_air * lungs * base_fade
     density -= 0.22 * thickness * _airways(anatomy, size)
-    density += masks["body"] * _skeleton(anatomy, size)
+    density += masks["body"] * _skeleton(anatomy, size) + _nodules(anatomy.nodules, unit)
     # One blur for every sharp edge drawn so far (anti-aliasing, ~0.7 px at 512).
     density = ndimage.gaussian_filter(density.astype(np.float32), 0.7 * size / 512)
     density += _lung_markings(anatomy, lungs > 0.3, unit, size)
@@ -610,6 +869,12 @@ def _add_vessel(canvas: np.ndarray, centre: np.ndarray, start_width: float, end_
     if end_width * size >= 2:
         _add_fill(canvas, band_outline(centre, np.linspace(start_width, end_width, len(centre))), value)
         return
+    _add_polyline(canvas, centre, value)
+
+
+def _add_polyline(canvas: np.ndarray, centre: np.ndarray, value: float) -> None:
+    """An anti-aliased line about one pixel wide through the points (K, 2) in unit coordinates."""
+    size = canvas.shape[0]
     for start, end in zip(centre[:-1] * size - 0.5, centre[1:] * size - 0.5, strict=True):
         rows, cols, weight = draw.line_aa(*np.round([start[1], start[0], end[1], end[0]]).astype(int))
         keep = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
@@ -696,9 +961,25 @@ def expose(
     return np.round(value * top).astype(np.uint8 if config.bit_depth == 8 else np.uint16)
 
 
+def _expose_view(
+    density: np.ndarray, pose: Pose, extras: ViewExtras, window: tuple[float, float],
+    acquisition: Acquisition, config: PhantomConfig, rng: np.random.Generator, scatter_base: float,
+) -> np.ndarray:
+    """A hard view: devices come after the window was set (metal may saturate); the blades either
+    block the beam (white, still noisy) or are blacked out on the display afterwards."""
+    projected = warp(density, pose) + device_density(extras, pose, config.size)
+    shutter = collimator_mask(extras.blades, config.size)
+    if not extras.dark_shutter:
+        projected += 3.0 * shutter  # lead: the primary beam is gone, scatter still arrives
+    image = expose(projected, window, acquisition, config, rng, scatter_base)
+    if extras.dark_shutter:
+        image = np.round(image * (1 - shutter)).astype(image.dtype)
+    return image
+
+
 def render_phantom(
     anatomy: Anatomy, pose: Pose, acquisition: Acquisition, config: PhantomConfig,
-    rng: np.random.Generator, with_masks: bool = False,
+    rng: np.random.Generator, with_masks: bool = False, extras: ViewExtras | None = None,
 ) -> Phantom:
     size = config.size
     density, masks = canonical_density(anatomy, size)
@@ -706,7 +987,10 @@ def render_phantom(
     low, high = np.percentile(density[::2, ::2], [1.0, 99.5])
     window = (low, high + 0.15 * (high - low))
     scatter_base = float(np.exp(-acquisition.mu * density[::4, ::4]).mean())
-    image = expose(warp(density, pose), window, acquisition, config, rng, scatter_base)
+    if extras is None:
+        image = expose(warp(density, pose), window, acquisition, config, rng, scatter_base)
+    else:
+        image = _expose_view(density, pose, extras, window, acquisition, config, rng, scatter_base)
     landmarks = image_landmarks(anatomy, pose, size)
     if not with_masks:
         return Phantom(image=image, landmarks=landmarks)

@@ -13,10 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
+from ace_model.match import Levels, common_looks, look_scales
 from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, prepare
 from service.batcher import Embedded, QueueFullError
 from service.config import Settings
 from service.errors import ApiError, from_decode_error, invalid
+from service.hits import locate_hits
 from service.queries import (
     QuerySet,
     QueryShapes,
@@ -43,13 +45,15 @@ ERRORS: dict[int | str, dict[str, object]] = {
 class Prepared:
     tensor: torch.Tensor  # (3, S, S) model input
     coords: CoordinateMap
+    looks: tuple[tuple[torch.Tensor, CoordinateMap], ...] = ()  # inputs of the higher-resolution looks
 
 
 @dataclass(frozen=True)
 class Target:
     key: int | str  # upload position or indexed image id
-    grid: torch.Tensor  # (h, w, D)
+    levels: Levels  # its embeddings at the encoder's img_size
     coords: CoordinateMap
+    looks: tuple[Levels, ...] = ()  # at 2x / 4x the size, for the second looks
 
 
 @router.post("/match", response_model=MatchResponse, responses=ERRORS)
@@ -75,12 +79,15 @@ async def match(
         index = generation.index
         _check_index_served(state, index)
         _check_ids(index, ids)
-        embedded = await _embed(state, [query, *uploads], generation.encoder)
+        pairs = await _embed(state, [query, *uploads], generation.encoder)
         search_started = time.perf_counter()
-        results = await run_in_threadpool(
-            _answer, shapes, query, embedded, uploads, index, ids, k
+        results, queries = await run_in_threadpool(
+            _answer, shapes, query, pairs, uploads, index, ids, k
         )
-        timing = _timing(embedded, started, search_started)
+        if index is not None:
+            await locate_hits(state, generation.encoder, index, [r.matches for r in results], queries,
+                              _levels(pairs[0][0], query.coords))
+        timing = _timing([e for base, looks in pairs for e in (base, *looks)], started, search_started)
         return MatchResponse(encoder=generation.encoder.fingerprint, index_version=generation.version,
                              results=results, timing_ms=timing)
 
@@ -113,49 +120,70 @@ def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:
 
 async def _prepare_upload(upload: UploadFile, what: str, state: AppState, encoder: Encoder) -> Prepared:
     data = await upload.read()
+    max_look = state.settings.max_look if encoder.spec.is_dense else 1
     try:
-        tensor, coords = await run_in_threadpool(
-            _decode_prepare, data, encoder.spec.img_size, encoder.grid, state.settings.max_pixels
-        )
+        return await run_in_threadpool(_decode_prepare, data, encoder, state.settings.max_pixels, max_look)
     except ImageDecodeError as err:
         raise from_decode_error(err, what) from err
-    return Prepared(tensor, coords)
 
 
-def _decode_prepare(data: bytes, size: int, grid: int, max_pixels: int) -> tuple[torch.Tensor, CoordinateMap]:
-    return prepare(decode_image(data, max_pixels), size, grid)
+def _decode_prepare(data: bytes, encoder: Encoder, max_pixels: int, max_look: int) -> Prepared:
+    image = decode_image(data, max_pixels)
+    size, grid = encoder.spec.img_size, encoder.grid
+    tensor, coords = prepare(image, size, grid)
+    scales = look_scales(image.width, image.height, size, max_look)
+    return Prepared(tensor, coords, tuple(prepare(image, s * size, s * grid) for s in scales))
 
 
-async def _embed(state: AppState, images: list[Prepared], encoder: Encoder) -> list[Embedded]:
+EmbeddedImage = tuple[Embedded, list[Embedded]]  # at the base size, at each look's size
+
+
+async def _embed(state: AppState, images: list[Prepared], encoder: Encoder) -> list[EmbeddedImage]:
+    tensors = [p.tensor for p in images] + [t for p in images for t, _ in p.looks]
     try:
-        return await state.batcher.embed([p.tensor for p in images], encoder)
+        embedded = await state.batcher.embed(tensors, encoder)
     except QueueFullError as err:
-        state.metrics.rejected.inc(len(images))
+        state.metrics.rejected.inc(len(tensors))
         raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
+    looks = iter(embedded[len(images):])
+    return [(embedded[n], [next(looks) for _ in p.looks]) for n, p in enumerate(images)]
+
+
+def _levels(embedded: Embedded, coords: CoordinateMap) -> Levels:
+    return Levels.of(embedded.patches, embedded.fine, coords)
+
+
+def _look_levels(looks: list[Embedded], prepared: Prepared) -> tuple[Levels, ...]:
+    return tuple(_levels(e, coords) for e, (_, coords) in zip(looks, prepared.looks, strict=True))
 
 
 def _answer(
-    shapes: QueryShapes, query: Prepared, embedded: list[Embedded], uploads: list[Prepared],
+    shapes: QueryShapes, query: Prepared, embedded: list[EmbeddedImage], uploads: list[Prepared],
     index: PatchIndex | None, ids: list[str], k: int,
-) -> list[PointResult]:
-    query_grid = embedded[0].patches
+) -> tuple[list[PointResult], QuerySet]:
+    query_grid = embedded[0][0].patches
     queries = embed_queries(shapes, query_grid, query.coords)
+    query_levels = (_levels(embedded[0][0], query.coords), _look_levels(embedded[0][1], query))
     pairs = zip(embedded[1:], uploads, strict=True)
-    targets = [Target(i, e.patches, p.coords) for i, (e, p) in enumerate(pairs)]
+    targets = [Target(i, _levels(e, p.coords), p.coords, _look_levels(looks, p))
+               for i, ((e, looks), p) in enumerate(pairs)]
     if index is not None:
         targets += [_indexed_target(index, image_id) for image_id in ids]
     matches = _search(index, queries, ids, k, query_grid, query)
-    found = [_correspond(queries, query_grid, target) for target in targets]
-    return [
+    found = [_correspond(queries, query_levels, target) for target in targets]
+    results = [
         PointResult(point=_pair(shapes.points[n]), box=_quad(shapes.boxes, n), matches=matches[n],
                     correspondences=[per_target[n] for per_target in found])
         for n in range(len(shapes.points))
     ]
+    return results, queries
 
 
 def _indexed_target(index: PatchIndex, image_id: str) -> Target:
+    """An indexed image: its stored coarse grid (the index keeps no fine level)."""
     grid = torch.from_numpy(np.ascontiguousarray(index.grid(image_id), dtype=np.float32))
-    return Target(image_id, grid, index.record(image_id).coords)
+    coords = index.record(image_id).coords
+    return Target(image_id, Levels.of(grid, None, coords), coords)
 
 
 def _search(
@@ -163,11 +191,11 @@ def _search(
     query: Prepared,
 ) -> list[list[Match]]:
     if index is None:
-        return [[] for _ in range(len(queries.grid_xy))]
+        return [[] for _ in range(len(queries.model_xy))]
     vectors = np.ascontiguousarray(queries.vectors.numpy(), dtype=np.float32)
     exclude = _self_in_index(index, query_grid, query)
     hits = index.search(vectors, k, image_ids=ids or None, exclude_image_ids=exclude)
-    return [[Match(image_id=h.image_id, patient_id=h.patient_id, x=h.x, y=h.y, score=h.score)
+    return [[Match(image_id=h.image_id, patient_id=h.patient_id, x=h.x, y=h.y, score=h.score, located=False)
              for h in row] for row in hits]
 
 
@@ -189,13 +217,13 @@ def _same_grid(stored: np.ndarray, grid: torch.Tensor) -> bool:
     return stored.shape == tuple(grid.shape) and bool(np.abs(stored - grid.numpy()).max() < 2e-2)
 
 
-def _correspond(queries: QuerySet, query_grid: torch.Tensor, target: Target) -> list[Correspondence]:
-    valid = torch.from_numpy(target.coords.valid_patches()).view(target.grid.shape[:2])
-    located = locate_queries(queries, query_grid, target.grid, valid)
-    xy = target.coords.from_grid(located.xy)
+def _correspond(queries: QuerySet, query: tuple[Levels, tuple[Levels, ...]], target: Target
+                ) -> list[Correspondence]:
+    found = locate_queries(queries, query[0], target.levels, common_looks(query[1], target.looks))
+    xy = target.coords.to_original(found.xy)
     return [
-        Correspondence(target=target.key, x=float(xy[n, 0]), y=float(xy[n, 1]),
-                       score=float(located.score[n]), mutual=bool(located.mutual[n]))
+        Correspondence(target=target.key, x=float(xy[n, 0]), y=float(xy[n, 1]), score=float(found.score[n]),
+                       confidence=float(found.confidence[n]), mutual=bool(found.mutual[n]))
         for n in range(len(xy))
     ]
 

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
-from ace_model.match import similarity_maps
+from ace_model.match import MASKED, Levels, MatchOptions, similarity
 from ace_model.preprocess import (
     CoordinateMap,
     DecodedImage,
@@ -37,9 +37,9 @@ from ace_model.preprocess import (
     thumbnail_jpeg,
     to_pil,
 )
-from service.batcher import QueueFullError
+from service.batcher import Embedded, QueueFullError
 from service.errors import ApiError, from_decode_error, invalid
-from service.queries import QueryShapes, check_inside, embed_queries, is_coordinate, parse_image_ids
+from service.queries import QueryShapes, check_inside, is_coordinate, parse_image_ids
 from service.schemas import ErrorResponse
 from service.state import AppState, app_state
 
@@ -89,8 +89,7 @@ class HeatmapResponse(BaseModel):
 @dataclass(frozen=True)
 class _Target:
     key: int | str  # upload position or indexed image id
-    grid: torch.Tensor  # (h, w, D)
-    valid: np.ndarray  # (h, w) bool
+    levels: Levels  # its embeddings (indexed images: the coarse grid only)
     coords: CoordinateMap
 
 
@@ -221,11 +220,12 @@ async def heatmap(
         prepared = [await run_in_threadpool(prepare, d, size, grid) for d in [query, *uploads]]
         check_inside(shapes, prepared[0][1])
         indexed = [_indexed_target(generation.index, image_id) for image_id in ids]
-        grids = await _embed(state, [tensor for tensor, _ in prepared], generation.encoder)
-        vector = embed_queries(shapes, grids[0], prepared[0][1]).vectors
-        found = [_Target(i, g, c.valid_patches().reshape(g.shape[:2]), c)
-                 for i, (g, (_, c)) in enumerate(zip(grids[1:], prepared[1:], strict=True))]
-        maps = [_heatmap(vector, target) for target in [*found, *indexed]]
+        embedded = await _embed(state, [tensor for tensor, _ in prepared], generation.encoder)
+        levels = [Levels.of(e.patches, e.fine, c) for e, (_, c) in zip(embedded, prepared, strict=True)]
+        query_px = torch.as_tensor(prepared[0][1].to_model(shapes.points), dtype=torch.float32)
+        found = [_Target(i, lv, c)
+                 for i, (lv, (_, c)) in enumerate(zip(levels[1:], prepared[1:], strict=True))]
+        maps = [_heatmap(levels[0], query_px, target) for target in [*found, *indexed]]
     x, y = shapes.points[0]
     return HeatmapResponse(point=(float(x), float(y)), maps=maps)
 
@@ -238,12 +238,12 @@ async def _decode(upload: UploadFile, what: str, state: AppState) -> DecodedImag
         raise from_decode_error(err, what) from err
 
 
-async def _embed(state: AppState, tensors: list[torch.Tensor], encoder: Encoder) -> list[torch.Tensor]:
+async def _embed(state: AppState, tensors: list[torch.Tensor], encoder: Encoder) -> list[Embedded]:
     try:
-        embedded = await state.batcher.embed(tensors, encoder)
+        return await state.batcher.embed(tensors, encoder)
     except QueueFullError as err:
+        state.metrics.rejected.inc(len(tensors))
         raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
-    return [e.patches for e in embedded]
 
 
 def _parse_point(text: str) -> tuple[float, float]:
@@ -263,14 +263,16 @@ def _indexed_target(index: PatchIndex | None, image_id: str) -> _Target:
     if not index.has_image(image_id):
         raise invalid(f"unknown image id {image_id!r} (index version {index.version})")
     grid = torch.from_numpy(np.ascontiguousarray(index.grid(image_id), dtype=np.float32))
-    return _Target(image_id, grid, index.valid_mask(image_id), index.record(image_id).coords)
+    coords = index.record(image_id).coords
+    return _Target(image_id, Levels.of(grid, None, coords), coords)
 
 
-def _heatmap(vector: torch.Tensor, target: _Target) -> Heatmap:
-    sim = similarity_maps(vector, target.grid)[0].numpy()  # (h, w)
-    h, w = sim.shape
-    (x0, y0), (x1, y1) = target.coords.from_grid(np.array([[-0.5, -0.5], [w - 0.5, h - 0.5]]))
-    values = [[round(float(v), 4) if ok else None for v, ok in zip(row, keep, strict=True)]
-              for row, keep in zip(sim, target.valid, strict=True)]
+def _heatmap(query: Levels, query_px: torch.Tensor, target: _Target) -> Heatmap:
+    """The map /match's argmax runs on (coarse + fine where both exist), at its own resolution."""
+    maps = similarity(query, query_px, target.levels, MatchOptions())
+    sim = maps.combined[0].numpy()  # (H, W), padding MASKED
+    side = target.coords.size
+    (x0, y0), (x1, y1) = target.coords.to_original(np.array([[0.0, 0.0], [side, side]]))
+    values = [[round(float(v), 4) if v > MASKED else None for v in row] for row in sim]
     return Heatmap(target=target.key, width=target.coords.orig_w, height=target.coords.orig_h,
                    extent=(float(x0), float(y0), float(x1), float(y1)), values=values)
