@@ -233,12 +233,15 @@ def load_encoder(directory: str | Path, expected_fingerprint: str | None = None)
 def _build_encoder(spec: EncoderSpec, directory: str | Path) -> Encoder:
     try:
         return Encoder(spec)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: malformed options
         raise ArtifactError(f"encoder artifact {directory} cannot be built here: {err}") from err
 
 
 def _check_shape(encoder: Encoder, meta: dict[str, Any], directory: str | Path) -> None:
     """The grid and width recorded at export must be what this installation's timm builds."""
+    if meta.get("levels") != encoder.levels():
+        raise ArtifactError(f"encoder artifact {directory} records the levels {meta.get('levels')}, but "
+                            f"{encoder.spec.backbone} builds {encoder.levels()} here")
     recorded = (meta.get("grid", encoder.grid), meta.get("dim", encoder.dim))
     if recorded != (encoder.grid, encoder.dim):
         raise ArtifactError(

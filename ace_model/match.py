@@ -154,15 +154,21 @@ class Levels:
     fine: torch.Tensor | None  # (H, W, d) unit-norm; None for single-level encoders
     side: int  # input side in px these grids were computed from
     content: tuple[float, float, float, float]  # image content (x0, y0, x1, y1) in these px
+    coords: CoordinateMap | None = None  # its letterbox transform (None: a plain `side` px image)
 
     @classmethod
     def of(cls, coarse: torch.Tensor, fine: torch.Tensor | None, coords: CoordinateMap) -> Levels:
         """The levels of one image embedded at coords.size px (its letterbox transform)."""
-        return cls(coarse, fine, coords.size, coords.content_box())
+        return cls(coarse, fine, coords.size, coords.content_box(), coords)
 
-    def scaled(self, base: int) -> float:
-        """This embedding's px per base px (2.0 for a second look at twice the base size)."""
-        return self.side / base
+    def from_level(self, other: Levels, px: torch.Tensor) -> torch.Tensor:
+        """px (N, 2) of `other` (the same image at another input size) -> px of this embedding.
+        Through original pixels: each size is letterboxed on its own, and rounding the content
+        size and padding differs by up to a pixel from a plain rescale."""
+        if self.coords is None or other.coords is None:
+            return px * (self.side / other.side)
+        original = other.coords.to_original(px.double().numpy())
+        return torch.from_numpy(self.coords.to_model(original)).float()
 
     def valid(self, grid: torch.Tensor) -> torch.Tensor:
         """(rows, cols) bool: cell centres on image content, not letterbox padding."""
@@ -263,17 +269,23 @@ def _first_pass(query: Levels, query_px: torch.Tensor, target: Levels, options: 
                 query_coarse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     maps = similarity(query, query_px, target, options, query_coarse)
     peak, score = _peak(maps, options.refine)
-    return peak, score, _confidence(maps, peak, options)
+    # the window sits on the argmax cell's centre: the sub-cell fit may move the answer by up to
+    # half a cell, further than the radius on a coarse map
+    rows, cols = argmax_2d(maps.combined)
+    cell = (torch.stack([cols, rows], dim=-1).float() + 0.5) * maps.stride
+    return peak, score, _confidence(maps, cell, options)
 
 
-def _look_again(query_hi: Levels, query_px: torch.Tensor, target_hi: Levels, previous_px: torch.Tensor,
-                options: MatchOptions, base: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Search higher-resolution embeddings only around the previous answer -> base px, score."""
-    q_scale, t_scale = query_hi.scaled(base), target_hi.scaled(base)
-    maps = similarity(query_hi, query_px * q_scale, target_hi, options)
-    radius = options.second_look_radius * 2 / t_scale  # in base px
-    peak, score = _peak(maps, options.refine, _near(maps, previous_px * t_scale, radius * t_scale))
-    return peak / t_scale, score
+def _look_again(query: tuple[Levels, Levels], query_px: torch.Tensor, target: tuple[Levels, Levels],
+                previous_px: torch.Tensor, options: MatchOptions, query_coarse: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search higher-resolution embeddings (query[1], target[1]) only around the previous answer;
+    px of the base embeddings (query[0], target[0]) in and out."""
+    (q_base, q_hi), (t_base, t_hi) = query, target
+    maps = similarity(q_hi, q_hi.from_level(q_base, query_px), t_hi, options, query_coarse)
+    radius = options.second_look_radius * 2  # look px: 12 base px at 2x, 6 at 4x
+    peak, score = _peak(maps, options.refine, _near(maps, t_hi.from_level(t_base, previous_px), radius))
+    return t_base.from_level(t_hi, peak), score
 
 
 Look = tuple[Levels, Levels]  # (query, target) embedded at a higher resolution
@@ -309,7 +321,8 @@ def match_points(
     xy = torch.as_tensor(np.asarray(query_px, dtype=np.float32)).reshape(-1, 2)
     found, score, confidence = _first_pass(query, xy, target, options, query_coarse)
     for look_query, look_target in _looks(second_look) if options.mode != "coarse" else []:
-        found, score = _look_again(look_query, xy, look_target, found, options, query.side)
+        found, score = _look_again((query, look_query), xy, (target, look_target), found, options,
+                                   query_coarse)
     back, _, _ = _first_pass(target, found, query, options, None)
     return Found(found.numpy().astype(np.float64), score.numpy(), confidence.numpy(),
                  _is_mutual(back.numpy(), np.asarray(query_px, float).reshape(-1, 2), query, query_boxes))
@@ -334,13 +347,14 @@ def _is_mutual(back_px: np.ndarray, query_px: np.ndarray, query: Levels,
 
 
 def refine_near(query: Levels, query_px: np.ndarray, target: Levels, around_px: np.ndarray,
-                radius_px: float, options: MatchOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+                radius_px: float, options: MatchOptions | None = None,
+                query_coarse: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Best match of each query point (N, 2) within radius_px of a known position (N, 2) in the
     target (base px) -> (N, 2) base px and (N,) score: how a retrieval hit, found on the coarse
     grid, is located at fine precision in its own image."""
     options = options or MatchOptions()
     xy = torch.as_tensor(np.asarray(query_px, dtype=np.float32)).reshape(-1, 2)
     centre = torch.as_tensor(np.asarray(around_px, dtype=np.float32)).reshape(-1, 2)
-    maps = similarity(query, xy, target, options)
+    maps = similarity(query, xy, target, options, query_coarse)
     peak, score = _peak(maps, options.refine, _near(maps, centre, radius_px))
     return peak.numpy().astype(np.float64), score.numpy()

@@ -44,7 +44,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _queue_fits_a_request(self) -> Settings:
-        if self.queue_size < 1 + self.max_targets:
-            raise ValueError(f"ACE_QUEUE_SIZE ({self.queue_size}) must hold one request's images: "
-                             f"at least 1 + ACE_MAX_TARGETS = {1 + self.max_targets}")
+        inputs = 1 + {1: 0, 2: 1, 4: 2}[self.max_look]  # each image and its second looks
+        needed = (1 + self.max_targets) * inputs
+        if self.queue_size < needed:
+            raise ValueError(f"ACE_QUEUE_SIZE ({self.queue_size}) must hold one request's images and "
+                             f"their second looks: at least (1 + ACE_MAX_TARGETS) x {inputs} = {needed} "
+                             "(or lower ACE_MAX_LOOK)")
         return self

@@ -9,6 +9,7 @@ are located, at most ACE_LOCATE_HITS per request; the rest keep their patch cent
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +25,15 @@ from service.queries import QuerySet
 from service.schemas import Match
 from service.state import AppState
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Preview:
     image_id: str
     tensor: torch.Tensor  # (3, S, S) model input of the preview
     coords: CoordinateMap  # the preview's letterbox
-    scale: float  # preview px per original px
+    scale: tuple[float, float]  # preview px per original px, along x and y (rounded apart)
 
 
 def hit_images(matches: list[list[Match]], limit: int) -> list[str]:
@@ -52,7 +55,8 @@ def load_preview(index: PatchIndex, image_id: str, encoder: Encoder) -> Preview 
     except (ImageDecodeError, OSError):
         return None  # a damaged preview leaves the hit at its patch centre
     tensor, coords = prepare(image, encoder.spec.img_size, encoder.grid)
-    return Preview(image_id, tensor, coords, image.width / index.record(image_id).coords.orig_w)
+    original = index.record(image_id).coords
+    return Preview(image_id, tensor, coords, (image.width / original.orig_w, image.height / original.orig_h))
 
 
 async def locate_hits(state: AppState, encoder: Encoder, index: PatchIndex, matches: list[list[Match]],
@@ -67,6 +71,8 @@ async def locate_hits(state: AppState, encoder: Encoder, index: PatchIndex, matc
     try:
         embedded = await state.batcher.embed([p.tensor for p in previews], encoder)
     except QueueFullError:
+        state.metrics.rejected.inc(len(previews))
+        log.warning("queue full: %d index hits answered at their patch centres", len(previews))
         return  # busy: answer with patch centres rather than refuse the request
     levels = {p.image_id: (p, Levels.of(e.patches, e.fine, p.coords))
               for p, e in zip(previews, embedded, strict=True)}
@@ -80,7 +86,10 @@ def _relocate(matches: list[list[Match]], queries: QuerySet, query: Levels,
             if match.image_id not in levels:
                 continue
             preview, target = levels[match.image_id]
-            around = preview.coords.to_model(np.array([[match.x, match.y]]) * preview.scale)
-            xy, _ = refine_near(query, queries.model_xy[n : n + 1], target, around, cell_px)
-            x, y = preview.coords.to_original(xy)[0] / preview.scale
+            scale = np.array(preview.scale)
+            around = preview.coords.to_model(np.array([[match.x, match.y]]) * scale)
+            coarse = None if queries.boxes_px is None else queries.vectors[n : n + 1]  # a box's mean
+            xy, _ = refine_near(query, queries.model_xy[n : n + 1], target, around, cell_px,
+                                query_coarse=coarse)
+            x, y = preview.coords.to_original(xy)[0] / scale
             match.x, match.y, match.located = float(x), float(y), True

@@ -168,3 +168,33 @@ def test_look_scales_follow_the_image_resolution() -> None:
     assert look_scales(200, 200, 224) == ()
     small, large = smooth_levels(64), smooth_levels(128)
     assert common_looks([small, large], [large]) == [(large, large)]
+
+
+def test_confidence_of_a_clear_coarse_peak_is_high_even_when_the_fit_moves_it() -> None:
+    """The confidence window sits on the argmax cell, not on the refined point (which may move
+    further than the radius on a stride-16 map)."""
+    from ace_model.match import _first_pass
+
+    coarse = torch.zeros(14, 14, 2)
+    coarse[..., 1] = 1.0
+    coarse[7, 7] = torch.tensor([1.0, 0.0])  # the query's twin
+    coarse[7, 8] = F.normalize(torch.tensor([0.95, 0.3]), dim=0)  # pulls the sub-cell fit right
+    levels = Levels(coarse, None, 224, (0.0, 0.0, 224.0, 224.0))
+    query = torch.tensor([[120.0, 120.0]])
+    peak, _, confidence = _first_pass(levels, query, levels, MatchOptions(mode="coarse"), None)
+    assert peak[0, 0] > 120.0 + MatchOptions().confidence_radius  # refined beyond the radius
+    assert float(confidence[0]) > 0.5
+
+
+def test_looks_convert_through_each_sizes_own_letterbox() -> None:
+    from ace_model.preprocess import CoordinateMap
+
+    base_map = CoordinateMap.letterbox(1935, 2400, 224, 14)
+    look_map = CoordinateMap.letterbox(1935, 2400, 896, 56)
+    base = Levels.of(torch.zeros(14, 14, 2), None, base_map)
+    look = Levels.of(torch.zeros(56, 56, 2), None, look_map)
+    original = np.array([[10.0, 20.0], [967.5, 1200.0], [1900.0, 2390.0]])
+    px = torch.as_tensor(base_map.to_model(original), dtype=torch.float32)
+    in_look = look.from_level(base, px)
+    np.testing.assert_allclose(look_map.to_original(in_look.double().numpy()), original, atol=1e-2)
+    np.testing.assert_allclose(base.from_level(look, in_look).numpy(), px.numpy(), atol=1e-3)

@@ -319,7 +319,7 @@ def train_dense(folders: list[Path], out: Path, cfg: DenseTrainConfig, warp: War
         state.history.append({name: float(t.loss.detach()) for name, t in terms.items()})
         bar.set_postfix(describe(terms), refresh=False)
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            save_checkpoint(state, out, cfg, pyramid)
+            save_checkpoint(state, out, cfg, state.model.config)
     _write_log(out, state, cfg, warp, time.perf_counter() - started)
     return state
 
@@ -327,7 +327,8 @@ def train_dense(folders: list[Path], out: Path, cfg: DenseTrainConfig, warp: War
 def _write_log(out: Path, state: TrainState, cfg: DenseTrainConfig, warp: WarpConfig, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tail = state.history[-100:]
-    means = {k: float(np.mean([h[k] for h in tail if k in h])) for k in (tail[0] if tail else {})}
+    keys = dict.fromkeys(k for h in tail for k in h)  # a term may be missing from some steps
+    means = {k: float(np.mean([h[k] for h in tail if k in h])) for k in keys}
     record = {"steps": state.step, "seconds_this_run": round(seconds, 1), "loss_last_100": means,
               "config": asdict(cfg), "warp": asdict(warp)}
     (out / "train-dense.json").write_text(json.dumps(record, indent=2) + "\n")

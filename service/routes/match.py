@@ -139,14 +139,19 @@ EmbeddedImage = tuple[Embedded, list[Embedded]]  # at the base size, at each loo
 
 
 async def _embed(state: AppState, images: list[Prepared], encoder: Encoder) -> list[EmbeddedImage]:
-    tensors = [p.tensor for p in images] + [t for p in images for t, _ in p.looks]
+    """Every image at the base size, then every 2x look, then every 4x look: the worker batches
+    consecutive images of one size, so the queue is ordered by size."""
+    order = [(n, -1) for n in range(len(images))]
+    order += [(n, j) for j in range(max((len(p.looks) for p in images), default=0))
+              for n, p in enumerate(images) if j < len(p.looks)]
+    tensors = [images[n].tensor if j < 0 else images[n].looks[j][0] for n, j in order]
     try:
         embedded = await state.batcher.embed(tensors, encoder)
     except QueueFullError as err:
         state.metrics.rejected.inc(len(tensors))
         raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
-    looks = iter(embedded[len(images):])
-    return [(embedded[n], [next(looks) for _ in p.looks]) for n, p in enumerate(images)]
+    by_slot = dict(zip(order, embedded, strict=True))
+    return [(by_slot[(n, -1)], [by_slot[(n, j)] for j in range(len(p.looks))]) for n, p in enumerate(images)]
 
 
 def _levels(embedded: Embedded, coords: CoordinateMap) -> Levels:

@@ -153,3 +153,11 @@ def test_body_limit_holds_without_content_length(client: httpx.Client) -> None:
     response = client.post("/match", content=chunks(),
                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413 and "ACE_MAX_UPLOAD_BYTES" in response.json()["detail"]
+
+
+def test_a_queue_too_small_for_a_request_with_its_second_looks_is_refused(encoder_dir: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"at least \(1 \+ ACE_MAX_TARGETS\) x 3 = 12"):
+        Settings(encoder=encoder_dir, queue_size=11, max_targets=3)
+    Settings(encoder=encoder_dir, queue_size=11, max_targets=3, max_look=2)  # 4 x 2 = 8 fits

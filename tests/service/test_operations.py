@@ -81,7 +81,7 @@ def test_32_concurrent_requests_succeed_in_batches(settings_for: Callable[..., S
 
 def test_full_queue_answers_429_with_retry_after(settings_for: Callable[..., Settings]) -> None:
     # the worker waits up to a second to fill a batch of 8, so a queue of 4 stays full meanwhile
-    settings = settings_for(queue_size=4, max_targets=3, max_wait_ms=1000)
+    settings = settings_for(queue_size=4, max_targets=3, max_wait_ms=1000, max_look=1)
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
         responses = concurrently(6, lambda: match(client, targets=(OTHER, OTHER, OTHER)), workers=6)
         codes = sorted(r.status_code for r in responses)

@@ -106,3 +106,22 @@ def test_index_hits_are_located_on_the_same_landmark(phantoms: list[LandmarkImag
     errors = [np.hypot(m["x"] - x, m["y"] - y) / np.hypot(SIZE, SIZE)
               for (_, m), (x, y) in zip(other, truth, strict=True)]
     assert float(np.mean(np.asarray(errors) < 0.05)) >= 0.9, errors
+
+
+@pytest.mark.slow
+def test_boxes_around_landmarks_are_found_in_another_subject(phantoms: list[LandmarkImage]) -> None:
+    query, target = phantoms[2], phantoms[3]
+    names = sorted(query.points)
+    centres = np.array([query.points[name] for name in names])
+    boxes = np.concatenate([centres - 12, centres + 12], axis=1).clip(0, SIZE)
+    settings = Settings(encoder=SHIPPED, device="cpu", poll_interval_s=0)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
+        files = [("image", ("q.png", query.path.read_bytes(), "image/png")),
+                 ("targets", ("t.png", target.path.read_bytes(), "image/png"))]
+        response = client.post("/match", files=files, data={"boxes": json.dumps(boxes.tolist())})
+    assert response.status_code == 200, response.text
+    found = np.array([[r["correspondences"][0]["x"], r["correspondences"][0]["y"]]
+                      for r in response.json()["results"]])
+    truth = np.array([target.points[name] for name in names])
+    errors = np.hypot(*(found - truth).T) / float(np.hypot(SIZE, SIZE))
+    assert float(np.median(errors)) < 0.015 and float(np.max(errors)) < 0.05, errors.round(4)
