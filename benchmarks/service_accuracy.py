@@ -1,5 +1,6 @@
-"""Correspondence accuracy through the running service, as a user reaches it: `ace serve` with the
-shipped encoder on 127.0.0.1, every answer from POST /match over HTTP.
+"""Correspondence accuracy through the running service, as a user reaches it: the service with the
+shipped encoder on 127.0.0.1 (uvicorn on the app factory, as `ace serve` runs it), every answer
+from POST /match over HTTP.
 
     python benchmarks/service_accuracy.py --data data/phantoms-eval --data data/phantoms-eval-hard \
         --pairs 200 --real
@@ -16,11 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -31,29 +28,10 @@ from ace_model.preprocess import DecodedImage, is_grey
 from training.evaluate import choose_pairs, pair_landmarks
 from training.landmarks import read_landmark_set
 
+sys.path.insert(0, str(Path(__file__).parent))
+from serving import Server  # a sibling script
+
 SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "ace-dense-phantoms"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_service(encoder: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ACE_THREADS": str(threads), "ACE_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-m", "training.cli", "serve", "--encoder", str(encoder),
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError("ace serve did not become ready in 120 s")
 
 
 def png(image: DecodedImage) -> bytes:
@@ -113,16 +91,12 @@ def main() -> None:
     parser.add_argument("--real", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    port = free_port()
-    service = start_service(args.encoder, port, args.threads)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-            rows = [row(f"phantoms {d.name}", phantom_errors(client, d, args.pairs)) for d in args.data]
-            if args.real:
-                rows.append(row("real images (affine + elastic)", real_errors(client)))
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
+    # the service as `ace serve` runs it (uvicorn on the app factory), on 127.0.0.1
+    with Server(args.encoder, args.threads, "cpu") as server, \
+            httpx.Client(base_url=server.url, timeout=300) as client:
+        rows = [row(f"phantoms {d.name}", phantom_errors(client, d, args.pairs)) for d in args.data]
+        if args.real:
+            rows.append(row("real images (affine + elastic)", real_errors(client)))
     print("| through /match | points | median % diag | ≤2 % (%) | ≤5 % (%) |\n|---|---|---|---|---|")
     print("\n".join(rows))
 
