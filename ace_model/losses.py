@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -81,3 +83,31 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
         return logits.sum() * 0.0
     per_row = -(target / mass.clamp(min=1e-12) * F.log_softmax(logits, dim=-1)).sum(-1)  # (B, R)
     return per_row[keep].mean()
+
+
+def constant_logit_floor(target: torch.Tensor, alpha: float, steps: int = 40) -> float:
+    """The alpha-balanced BCE of the best *constant* logit for these targets: what a predictor
+    that sees no content reaches (golden-section search over the logit; the loss is convex)."""
+    low, high = -20.0, 20.0
+    ratio = (5**0.5 - 1) / 2
+
+    def loss(c: float) -> float:
+        return float(alpha_balanced_bce(torch.full_like(target, c), target, alpha))
+
+    for _ in range(steps):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, b) if loss(a) < loss(b) else (a, high)
+    return loss((low + high) / 2)
+
+
+def content_blind_floors(target_dec: torch.Tensor, target_comp: torch.Tensor, dino_out: int,
+                         local_form: str, alpha_dec: float, alpha_comp: float) -> dict[str, float]:
+    """Per ACE term, the loss of a content-blind predictor: uniform over the K prototypes for the
+    global term; for the local terms uniform over the candidates (softmax form) or the best
+    constant logit (focal form). A term that stays at its floor has learned nothing."""
+    if local_form == "softmax":
+        dec, comp = math.log(target_dec.shape[-1]), math.log(target_comp.shape[-1])
+    else:
+        dec = constant_logit_floor(target_dec, alpha_dec)
+        comp = constant_logit_floor(target_comp, alpha_comp)
+    return {"global": math.log(dino_out), "dec": dec, "comp": comp}

@@ -126,3 +126,15 @@ def test_ace_local_terms_have_a_softmax_form_and_unknown_forms_are_refused() -> 
     assert model.config.loss.local_form == "softmax"
     with pytest.raises(ValueError, match="local_form"):
         ACE(tiny().override({"loss.local_form": "bce"}))
+
+
+def test_content_blind_floors_match_the_note_and_the_softmax_form() -> None:
+    from ace_model.losses import constant_logit_floor, content_blind_floors
+
+    target = torch.zeros(2, 10, 40)
+    target[:, torch.arange(10), torch.arange(10) * 4] = 1.0
+    floor = constant_logit_floor(target, 0.99)
+    for c in (-6.0, -3.0, 0.0, 3.0):  # no constant logit does better
+        assert floor <= float(alpha_balanced_bce(torch.full_like(target, c), target, 0.99)) + 1e-6
+    floors = content_blind_floors(target, target[..., :8], 4096, "softmax", 0.99, 0.9)
+    assert floors == pytest.approx({"global": math.log(4096), "dec": math.log(40), "comp": math.log(8)})

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ace_model.backbone import Backbone
 from ace_model.config import ACEConfig, TrainConfig
 from ace_model.encoder import Encoder, EncoderSpec, encoder_from_backbone
+from ace_model.losses import content_blind_floors
 from ace_model.method import ACE, ACEBatch
 from training.data import ACEDataset, EpochSampler, Photometric, collate, resolve_images
 
@@ -301,10 +302,14 @@ def run_loop(run: Run, images: Sequence[Path], stop_at: int, show_progress: bool
     bar = tqdm(total=run.plan.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
                disable=not (show_progress and run.info.is_main))
     meter = Throughput(run.plan.global_batch)
+    floors_shown = not run.info.is_main
     while run.step < stop_at:
         sampler.set_epoch(run.epoch)
         sampler.start = (run.step % run.plan.steps_per_epoch) * run.config.train.batch_size
         for batch in loader:
+            if not floors_shown:
+                print_floors(run, batch, bar)
+                floors_shown = True
             parts = train_step(run, batch.to(run.info.device))
             record = {**step_record(run, parts), **meter.tick()}
             log_step(run, record, bar)
@@ -313,6 +318,15 @@ def run_loop(run: Run, images: Sequence[Path], stop_at: int, show_progress: bool
             if run.step >= stop_at:
                 break
     bar.close()
+
+
+def print_floors(run: Run, batch: ACEBatch, bar: tqdm) -> None:
+    """Once per run: each term's content-blind floor, beside which its loss is read."""
+    lc, model = run.config.loss, run.config.model
+    floors = content_blind_floors(batch.target_dec, batch.target_comp, model.dino_out, lc.local_form,
+                                  lc.alpha_dec, lc.alpha_comp)
+    bar.write("content-blind floors (a term at its floor has learned nothing): "
+              + ", ".join(f"{k} {v:.4g}" for k, v in floors.items()))
 
 
 def is_checkpoint_step(step: int, every: int) -> bool:
