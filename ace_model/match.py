@@ -185,6 +185,8 @@ class MatchOptions:
     mode: Mode = "both"  # which levels vote: coarse only, fine only, or both
     coarse_weight: float = 0.5  # weight of the upsampled coarse map in "both"
     refine: Refinement = "quadratic"  # sub-cell peak on the finest map used
+    look_min_confidence: float = 0.5  # only confident first answers get the second looks: an
+    # ambiguous one (a uniform shaft, a flat field) would only slide along its ambiguity
     second_look_radius: float = 12.0  # base px searched around the previous answer, at a 2x look
     # (a 4x look searches half that: each look narrows the window as it sharpens the grid)
     confidence_tau: float = 0.02  # softmax temperature of the confidence
@@ -313,16 +315,20 @@ def match_points(
     """Locate query points (N, 2) base px of `query` in `target`, coarse to fine.
 
     second_look: (query, target) embedded at a higher resolution (or several such looks, in
-    increasing resolution); each answer is searched again in a window around the previous one.
+    increasing resolution); each confident answer is searched again in a window around the
+    previous one.
     query_coarse (N, D) replaces the sampled coarse query vectors (a box's mean); query_boxes
     (N, 4) base px then define mutuality. Confidence and mutuality come from the first pass.
     """
     options = options or MatchOptions()
     xy = torch.as_tensor(np.asarray(query_px, dtype=np.float32)).reshape(-1, 2)
     found, score, confidence = _first_pass(query, xy, target, options, query_coarse)
+    confident = confidence >= options.look_min_confidence
     for look_query, look_target in _looks(second_look) if options.mode != "coarse" else []:
-        found, score = _look_again((query, look_query), xy, (target, look_target), found, options,
-                                   query_coarse)
+        looked, look_score = _look_again((query, look_query), xy, (target, look_target), found, options,
+                                         query_coarse)
+        found = torch.where(confident[:, None], looked, found)
+        score = torch.where(confident, look_score, score)
     back, _, _ = _first_pass(target, found, query, options, None)
     return Found(found.numpy().astype(np.float64), score.numpy(), confidence.numpy(),
                  _is_mutual(back.numpy(), np.asarray(query_px, float).reshape(-1, 2), query, query_boxes))

@@ -198,3 +198,19 @@ def test_looks_convert_through_each_sizes_own_letterbox() -> None:
     in_look = look.from_level(base, px)
     np.testing.assert_allclose(look_map.to_original(in_look.double().numpy()), original, atol=1e-2)
     np.testing.assert_allclose(base.from_level(look, in_look).numpy(), px.numpy(), atol=1e-3)
+
+
+def test_only_confident_answers_take_the_second_look() -> None:
+    """A flat first-pass map (no idea where) keeps its answer; a look would only slide it."""
+    flat = F.normalize(torch.ones(8, 8, 4), dim=-1)
+    flat_fine = F.normalize(torch.ones(32, 32, 4), dim=-1)
+    query = Levels(flat, flat_fine, 128, (0.0, 0.0, 128.0, 128.0))
+    look_q, look_t = smooth_levels(256), smooth_levels(256, shift_px=(8, 8))
+    points = np.array([[4.0, 4.0]])
+    first = match_points(query, points, query)
+    assert first.confidence[0] < 0.5
+    kept = match_points(query, points, query, second_look=(look_q, look_t))
+    np.testing.assert_allclose(kept.xy, first.xy)
+    moved = match_points(query, points, query, MatchOptions(look_min_confidence=0.0),
+                         second_look=(look_q, look_t))
+    assert np.abs(moved.xy - first.xy).max() > 1.0
