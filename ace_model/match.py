@@ -171,13 +171,19 @@ class Levels:
         return torch.from_numpy(self.coords.to_model(original)).float()
 
     def valid(self, grid: torch.Tensor) -> torch.Tensor:
-        """(rows, cols) bool: cell centres on image content, not letterbox padding."""
+        """(rows, cols) bool: cell centres on image content, not letterbox padding. Along an axis
+        where no centre is on content (an image thinner than a cell), the cells it overlaps."""
         stride = self.side / grid.shape[0]
-        centres = (torch.arange(grid.shape[0], dtype=torch.float32) + 0.5) * stride
         x0, y0, x1, y1 = self.content
-        inside_x = (centres >= x0) & (centres <= x1)
-        inside_y = (centres >= y0) & (centres <= y1)
-        return inside_y[:, None] & inside_x[None, :]
+        rows = _on_content(grid.shape[0], stride, y0, y1)
+        return rows[:, None] & _on_content(grid.shape[1], stride, x0, x1)[None, :]
+
+
+def _on_content(cells: int, stride: float, low: float, high: float) -> torch.Tensor:
+    starts = torch.arange(cells, dtype=torch.float32) * stride
+    centres = starts + stride / 2
+    inside = (centres >= low) & (centres <= high)
+    return inside if bool(inside.any()) else (starts + stride > low) & (starts < high)
 
 
 @dataclass(frozen=True)
@@ -187,10 +193,14 @@ class MatchOptions:
     refine: Refinement = "quadratic"  # sub-cell peak on the finest map used
     look_min_confidence: float = 0.5  # only confident first answers get the second looks: an
     # ambiguous one (a uniform shaft, a flat field) would only slide along its ambiguity
-    second_look_radius: float = 12.0  # base px searched around the previous answer, at a 2x look
-    # (a 4x look searches half that: each look narrows the window as it sharpens the grid)
+    second_look_radius: float = 12.0  # a look searches 2x this many of its own px around the
+    # previous answer: 12 base px at a 2x look, 6 at a 4x look (each narrows as it sharpens)
     confidence_tau: float = 0.02  # softmax temperature of the confidence
     confidence_radius: float = 6.0  # base px: probability mass within this of the peak = confidence
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown matching mode {self.mode!r}; choose one of {MODES}")
 
 
 @dataclass(frozen=True)
@@ -327,8 +337,9 @@ def match_points(
     for look_query, look_target in _looks(second_look) if options.mode != "coarse" else []:
         looked, look_score = _look_again((query, look_query), xy, (target, look_target), found, options,
                                          query_coarse)
-        found = torch.where(confident[:, None], looked, found)
-        score = torch.where(confident, look_score, score)
+        take = confident & (look_score > MASKED)  # a window all padding keeps the previous answer
+        found = torch.where(take[:, None], looked, found)
+        score = torch.where(take, look_score, score)
     back, _, _ = _first_pass(target, found, query, options, None)
     return Found(found.numpy().astype(np.float64), score.numpy(), confidence.numpy(),
                  _is_mutual(back.numpy(), np.asarray(query_px, float).reshape(-1, 2), query, query_boxes))

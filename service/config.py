@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     max_targets: int = Field(8, ge=0)  # uploaded target images per request
     max_image_ids: int = Field(32, ge=0)  # indexed image ids per request
     max_k: int = Field(100, ge=1)  # largest k (matches per point)
-    max_look: Literal[1, 2, 4] = 4  # dense encoders: re-search each match at 2x and 4x the encoder's
+    max_look: int = 4  # dense encoders: re-search each match at 2x and 4x the encoder's
     # size, as far as the images' own resolution goes; 1 = no second look (docs/service.md)
     locate_hits: int = Field(8, ge=0)  # distinct index-hit images per request located at fine
     # precision (their previews embedded once more); 0 = patch centres only
@@ -42,6 +42,13 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @field_validator("max_look")
+    @classmethod
+    def _known_look(cls, value: int) -> int:
+        if value not in (1, 2, 4):
+            raise ValueError(f"ACE_MAX_LOOK must be 1 (no second look), 2 or 4; got {value}")
+        return value
+
     @model_validator(mode="after")
     def _queue_fits_a_request(self) -> Settings:
         inputs = 1 + {1: 0, 2: 1, 4: 2}[self.max_look]  # each image and its second looks
@@ -50,4 +57,7 @@ class Settings(BaseSettings):
             raise ValueError(f"ACE_QUEUE_SIZE ({self.queue_size}) must hold one request's images and "
                              f"their second looks: at least (1 + ACE_MAX_TARGETS) x {inputs} = {needed} "
                              "(or lower ACE_MAX_LOOK)")
+        if self.locate_hits > self.queue_size:
+            raise ValueError(f"ACE_LOCATE_HITS ({self.locate_hits}) must not exceed ACE_QUEUE_SIZE "
+                             f"({self.queue_size}): the hit previews are embedded in one go")
         return self

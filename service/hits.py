@@ -81,15 +81,13 @@ async def locate_hits(state: AppState, encoder: Encoder, index: PatchIndex, matc
 
 def _relocate(matches: list[list[Match]], queries: QuerySet, query: Levels,
               levels: dict[str, tuple[Preview, Levels]], cell_px: float) -> None:
-    for n, row in enumerate(matches):
-        for match in row:
-            if match.image_id not in levels:
-                continue
-            preview, target = levels[match.image_id]
-            scale = np.array(preview.scale)
-            around = preview.coords.to_model(np.array([[match.x, match.y]]) * scale)
-            coarse = None if queries.boxes_px is None else queries.vectors[n : n + 1]  # a box's mean
-            xy, _ = refine_near(query, queries.model_xy[n : n + 1], target, around, cell_px,
-                                query_coarse=coarse)
-            x, y = preview.coords.to_original(xy)[0] / scale
+    """One search per hit image, with every (point, hit) pair that landed in it."""
+    for image_id, (preview, target) in levels.items():
+        pairs = [(n, match) for n, row in enumerate(matches) for match in row if match.image_id == image_id]
+        rows = np.array([n for n, _ in pairs])
+        scale = np.array(preview.scale)
+        around = preview.coords.to_model(np.array([[m.x, m.y] for _, m in pairs]) * scale)
+        coarse = None if queries.boxes_px is None else queries.vectors[torch.from_numpy(rows)]  # box means
+        xy, _ = refine_near(query, queries.model_xy[rows], target, around, cell_px, query_coarse=coarse)
+        for (_, match), (x, y) in zip(pairs, preview.coords.to_original(xy) / scale, strict=True):
             match.x, match.y, match.located = float(x), float(y), True

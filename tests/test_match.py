@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ace_model.match import argmax_2d, locate, refine_peak, sample_grid
+from ace_model.match import MASKED, argmax_2d, locate, refine_peak, sample_grid
 
 
 def random_grid(h: int, w: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -214,3 +214,10 @@ def test_only_confident_answers_take_the_second_look() -> None:
     moved = match_points(query, points, query, MatchOptions(look_min_confidence=0.0),
                          second_look=(look_q, look_t))
     assert np.abs(moved.xy - first.xy).max() > 1.0
+
+
+def test_an_image_thinner_than_a_cell_is_still_matched_on_its_content() -> None:
+    query = smooth_levels(128)
+    thin = Levels(query.coarse, query.fine, 128, (0.0, 60.0, 128.0, 61.5))  # 1.5 px of content
+    found = match_points(query, np.array([[40.0, 60.0]]), thin, second_look=(query, thin))
+    assert 56.0 <= found.xy[0, 1] <= 66.0 and found.score[0] > MASKED

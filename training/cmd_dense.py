@@ -21,6 +21,7 @@ TERMS = ("fine", "coarse", "xsubj", "global")
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "train-dense", help="train the two-level dense encoder on warped view pairs and export it",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the served default encoder: pixel InfoNCE between views with known warps "
                     "(fine, stride 4), coarse InfoNCE with negatives from other images (stride 16), "
                     "cross-subject landmark terms and ACE's global term (docs/training.md).")

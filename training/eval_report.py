@@ -161,8 +161,9 @@ def mutual_lines(landmarks: dict[str, Any]) -> list[str]:
              f"{m['mutual']['mean_pct_not_mutual']:.2f}"] for name, m in landmarks.items() if "mutual" in m]
     if not rows:
         return []
-    return ["Mutual nearest neighbours (the service's confidence flag): how often a match is mutual "
-            "and the mean error (% of diagonal) of mutual and non-mutual matches:", "",
+    return ["Mutual flag (matching back from the answer lands within one coarse cell of the query "
+            "point): how often a match is mutual and the mean error (% of diagonal) of mutual and "
+            "non-mutual matches:", "",
             *table(("method", "mutual (%)", "mean % diag, mutual", "mean % diag, not mutual"), rows), ""]
 
 CALIBRATION_NOTE = ("Error against the matcher's confidence (the softmax mass near the peak): fixed bins, "

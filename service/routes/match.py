@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import Levels, common_looks, look_scales
-from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, prepare
+from ace_model.preprocess import CoordinateMap, DecodedImage, ImageDecodeError, decode_image, prepare
 from service.batcher import Embedded, QueueFullError
 from service.config import Settings
 from service.errors import ApiError, from_decode_error, invalid
@@ -45,6 +45,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 class Prepared:
     tensor: torch.Tensor  # (3, S, S) model input
     coords: CoordinateMap
+    image: DecodedImage | None = None  # kept until the looks are prepared
     looks: tuple[tuple[torch.Tensor, CoordinateMap], ...] = ()  # inputs of the higher-resolution looks
 
 
@@ -76,6 +77,8 @@ async def match(
         check_inside(shapes, query.coords)
         uploads = [await _prepare_upload(f, f"targets[{i}]", state, generation.encoder)
                    for i, f in enumerate(target_files)]
+        max_look = state.settings.max_look if generation.encoder.spec.is_dense else 1
+        query, uploads = await run_in_threadpool(_add_looks, query, uploads, generation.encoder, max_look)
         index = generation.index
         _check_index_served(state, index)
         _check_ids(index, ids)
@@ -120,19 +123,37 @@ def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:
 
 async def _prepare_upload(upload: UploadFile, what: str, state: AppState, encoder: Encoder) -> Prepared:
     data = await upload.read()
-    max_look = state.settings.max_look if encoder.spec.is_dense else 1
     try:
-        return await run_in_threadpool(_decode_prepare, data, encoder, state.settings.max_pixels, max_look)
+        return await run_in_threadpool(_decode_prepare, data, encoder, state.settings.max_pixels)
     except ImageDecodeError as err:
         raise from_decode_error(err, what) from err
 
 
-def _decode_prepare(data: bytes, encoder: Encoder, max_pixels: int, max_look: int) -> Prepared:
+def _decode_prepare(data: bytes, encoder: Encoder, max_pixels: int) -> Prepared:
     image = decode_image(data, max_pixels)
+    tensor, coords = prepare(image, encoder.spec.img_size, encoder.grid)
+    return Prepared(tensor, coords, image)
+
+
+def _add_looks(query: Prepared, uploads: list[Prepared], encoder: Encoder, max_look: int
+               ) -> tuple[Prepared, list[Prepared]]:
+    """Prepare only the looks a pair will use: a size both the query and that target have the
+    resolution for (none without targets: index hits are located at the base size)."""
+    def scales(p: Prepared) -> set[int]:
+        assert p.image is not None
+        return set(look_scales(p.image.width, p.image.height, encoder.spec.img_size, max_look))
+
+    wanted = [scales(u) for u in uploads]
+    shared = scales(query) & set().union(*wanted)
+    targets = [_looked(u, w & shared, encoder) for u, w in zip(uploads, wanted, strict=True)]
+    return _looked(query, shared, encoder), targets
+
+
+def _looked(prepared: Prepared, scales: set[int], encoder: Encoder) -> Prepared:
+    assert prepared.image is not None
     size, grid = encoder.spec.img_size, encoder.grid
-    tensor, coords = prepare(image, size, grid)
-    scales = look_scales(image.width, image.height, size, max_look)
-    return Prepared(tensor, coords, tuple(prepare(image, s * size, s * grid) for s in scales))
+    looks = tuple(prepare(prepared.image, s * size, s * grid) for s in sorted(scales))
+    return Prepared(prepared.tensor, prepared.coords, None, looks)
 
 
 EmbeddedImage = tuple[Embedded, list[Embedded]]  # at the base size, at each look's size

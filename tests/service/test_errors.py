@@ -161,3 +161,36 @@ def test_a_queue_too_small_for_a_request_with_its_second_looks_is_refused(encode
     with pytest.raises(ValidationError, match=r"at least \(1 \+ ACE_MAX_TARGETS\) x 3 = 12"):
         Settings(encoder=encoder_dir, queue_size=11, max_targets=3)
     Settings(encoder=encoder_dir, queue_size=11, max_targets=3, max_look=2)  # 4 x 2 = 8 fits
+
+
+def test_max_look_comes_from_the_environment_and_bad_values_are_named(
+        encoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("ACE_MAX_LOOK", "1")
+    assert Settings(encoder=encoder_dir).max_look == 1
+    monkeypatch.setenv("ACE_MAX_LOOK", "3")
+    with pytest.raises(ValidationError, match="ACE_MAX_LOOK must be 1"):
+        Settings(encoder=encoder_dir)
+    monkeypatch.delenv("ACE_MAX_LOOK")
+    with pytest.raises(ValidationError, match="ACE_LOCATE_HITS"):
+        Settings(encoder=encoder_dir, locate_hits=100, queue_size=64)
+
+
+def test_looks_are_prepared_only_for_sizes_a_pair_shares() -> None:
+    from ace_model.encoder import Encoder, EncoderSpec
+    from ace_model.preprocess import DecodedImage
+    from service.routes.match import _add_looks, _decode_prepare
+
+    encoder = Encoder(EncoderSpec("ace_dense_pyramid", 64))
+    def upload(side: int) -> bytes:
+        return png_bytes(block_texture(side, side, side))
+
+    big, small = _decode_prepare(upload(300), encoder, 10**7), _decode_prepare(upload(64), encoder, 10**7)
+    assert isinstance(big.image, DecodedImage)
+    alone, _ = _add_looks(big, [], encoder, 4)
+    assert alone.looks == ()  # no target: nothing would use a look
+    query, targets = _add_looks(big, [small, big], encoder, 4)
+    assert [c.size for _, c in query.looks] == [128, 256]
+    assert [[c.size for _, c in t.looks] for t in targets] == [[], [128, 256]]
+    assert _add_looks(big, [big], encoder, 2)[0].looks[-1][1].size == 128
