@@ -57,7 +57,4 @@ class Settings(BaseSettings):
             raise ValueError(f"ACE_QUEUE_SIZE ({self.queue_size}) must hold one request's images and "
                              f"their second looks: at least (1 + ACE_MAX_TARGETS) x {inputs} = {needed} "
                              "(or lower ACE_MAX_LOOK)")
-        if self.locate_hits > self.queue_size:
-            raise ValueError(f"ACE_LOCATE_HITS ({self.locate_hits}) must not exceed ACE_QUEUE_SIZE "
-                             f"({self.queue_size}): the hit previews are embedded in one go")
         return self

@@ -62,7 +62,7 @@ def load_preview(index: PatchIndex, image_id: str, encoder: Encoder) -> Preview 
 async def locate_hits(state: AppState, encoder: Encoder, index: PatchIndex, matches: list[list[Match]],
                       queries: QuerySet, query: Levels) -> None:
     """Move each located hit's x, y from its patch centre to the fine answer (in place)."""
-    limit = state.settings.locate_hits
+    limit = min(state.settings.locate_hits, state.settings.queue_size)  # previews go in one batch
     if limit == 0 or not encoder.spec.is_dense:
         return
     ids = hit_images(matches, limit)

@@ -172,9 +172,6 @@ def test_max_look_comes_from_the_environment_and_bad_values_are_named(
     monkeypatch.setenv("ACE_MAX_LOOK", "3")
     with pytest.raises(ValidationError, match="ACE_MAX_LOOK must be 1"):
         Settings(encoder=encoder_dir)
-    monkeypatch.delenv("ACE_MAX_LOOK")
-    with pytest.raises(ValidationError, match="ACE_LOCATE_HITS"):
-        Settings(encoder=encoder_dir, locate_hits=100, queue_size=64)
 
 
 def test_looks_are_prepared_only_for_sizes_a_pair_shares() -> None:
