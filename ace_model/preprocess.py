@@ -69,9 +69,16 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     """Decode PNG / JPEG / 16-bit PNG / TIFF / DICOM bytes into a DecodedImage."""
     if not data:
         raise ImageDecodeError("unsupported", "the file is empty")
-    if _is_dicom(data):
-        return _decode_dicom(data, max_pixels)
-    return _decode_pil(data, max_pixels)
+    image = _decode_dicom(data, max_pixels) if _is_dicom(data) else _decode_pil(data, max_pixels)
+    _check_finite(image.pixels)
+    return image
+
+
+def _check_finite(pixels: np.ndarray) -> None:
+    """NaN or infinite values (float TIFF, bad rescale) would make every similarity NaN."""
+    values = pixels[:, :, 0] if pixels.strides[2] == 0 else pixels
+    if not bool(np.isfinite(values).all()):
+        raise ImageDecodeError("corrupt", "the image holds NaN or infinite pixel values")
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -96,7 +103,10 @@ def _decode_pil(data: bytes, max_pixels: int) -> DecodedImage:
             image.load()
     except UnidentifiedImageError as err:
         raise ImageDecodeError("unsupported", "not a PNG, JPEG, TIFF, BMP or DICOM image") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # raised on opening, before our size check
+        message = f"image too large ({err}); the limit is {max_pixels} pixels"
+        raise ImageDecodeError("too_large", message) from err
+    except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, ImageDecodeError):
             raise
         raise ImageDecodeError("corrupt", f"the image file is corrupt or truncated: {err}") from err

@@ -268,3 +268,22 @@ def test_too_large_and_too_small_images() -> None:
     with pytest.raises(ImageDecodeError) as info:
         decode_image(png_bytes(np.zeros((1, 40), dtype=np.uint8)))
     assert info.value.kind == "corrupt"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_images_with_non_finite_pixels_are_refused(bad: float) -> None:
+    values = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    values[10, 20] = bad
+    buffer = io.BytesIO()
+    Image.fromarray(values, mode="F").save(buffer, format="TIFF")
+    with pytest.raises(ImageDecodeError, match="NaN or infinite") as caught:
+        decode_image(buffer.getvalue())
+    assert caught.value.kind == "corrupt"
+
+
+def test_an_image_past_pillows_bomb_limit_is_too_large_not_corrupt() -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (16000, 12000)).save(buffer, format="PNG")  # 192 Mpx, a few kB compressed
+    with pytest.raises(ImageDecodeError, match="too large") as caught:
+        decode_image(buffer.getvalue(), max_pixels=10**9)
+    assert caught.value.kind == "too_large"

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -57,11 +58,21 @@ def post(client: httpx.Client, image: bytes = IMAGE, targets: tuple[bytes, ...] 
 
 BIG_PNG = png_bytes(np.random.default_rng(0).random((2000, 1000)))  # ~2 MB of noise, 2M pixels
 
+
+def float_tiff_with_nan() -> bytes:
+    values = np.linspace(0, 1, 96 * 96, dtype=np.float32).reshape(96, 96)
+    values[5, 5] = np.nan
+    buffer = io.BytesIO()
+    Image.fromarray(values, mode="F").save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
 BAD_REQUESTS = {
     "not an image": (415, {"image": b"hello, I am plain text" * 10}),
     "empty file": (415, {"image": b""}),
     "truncated png": (422, {"image": IMAGE[: len(IMAGE) // 2]}),
     "multi-frame dicom": (422, {"image": multiframe_dicom()}),
+    "NaN pixels in a float TIFF": (422, {"image": float_tiff_with_nan()}),
     "too many bytes": (413, {"image": BIG_PNG}),
     "too many bytes in targets": (413, {"targets": (BIG_PNG[: 40_000], BIG_PNG[40_000:80_000])}),
     "bad target": (415, {"targets": (b"not an image",)}),
