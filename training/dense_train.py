@@ -124,11 +124,13 @@ def inside_source(xy: torch.Tensor, views: Views) -> torch.Tensor:
 
 
 def same_image_term(grid1: torch.Tensor, grid2: torch.Tensor, views: tuple[Views, Views], stride: int,
-                    ignore_cells: float, tau: float, queries: torch.Tensor | None,
-                    extra: torch.Tensor | None = None, extra_ignore: torch.Tensor | None = None) -> Term:
+                    sources: tuple[torch.Tensor, torch.Tensor], ignore_cells: float, tau: float,
+                    queries: torch.Tensor | None, extra: torch.Tensor | None = None,
+                    extra_ignore: torch.Tensor | None = None) -> Term:
     """Each query cell of view 1 must find its true cell in view 2 (grids (B, M, D)).
-    queries: (B, Q) cell indices of view 1, None = all cells; extra: more candidates (B, E, D)."""
-    src1, src2 = cell_sources(views[0], stride), cell_sources(views[1], stride)
+    sources: both views' cell_sources at this stride; queries: (B, Q) cell indices of view 1,
+    None = all cells; extra: more candidates (B, E, D)."""
+    src1, src2 = sources
     if queries is not None:
         src1, grid1 = gather_rows(src1, queries), gather_rows(grid1, queries)
     positive, dist = nearest(src1, src2)
@@ -158,16 +160,16 @@ def coarse_term(c1: torch.Tensor, c2: torch.Tensor, views: tuple[Views, Views],
                 cfg: DenseTrainConfig) -> Term:
     src1, src2 = cell_sources(views[0], COARSE_STRIDE), cell_sources(views[1], COARSE_STRIDE)
     extra, extra_ignore = other_images(c2, src1, src2, views[1].source_size, cfg.other_ignore)
-    return same_image_term(c1, c2, views, COARSE_STRIDE, cfg.coarse_ignore, cfg.tau, None,
+    return same_image_term(c1, c2, views, COARSE_STRIDE, (src1, src2), cfg.coarse_ignore, cfg.tau, None,
                            extra, extra_ignore)
 
 
 def fine_term(f1: torch.Tensor, f2: torch.Tensor, views: tuple[Views, Views], cfg: DenseTrainConfig,
               gen: torch.Generator) -> Term:
-    src1 = cell_sources(views[0], FINE_STRIDE)
+    src1, src2 = cell_sources(views[0], FINE_STRIDE), cell_sources(views[1], FINE_STRIDE)
     weights = inside_source(src1, views[0]).float() + 1e-6
     queries = torch.multinomial(weights, cfg.fine_queries, replacement=False, generator=gen)
-    return same_image_term(f1, f2, views, FINE_STRIDE, cfg.fine_ignore, cfg.tau, queries)
+    return same_image_term(f1, f2, views, FINE_STRIDE, (src1, src2), cfg.fine_ignore, cfg.tau, queries)
 
 
 def xsubj_term(grid1: torch.Tensor, grid2: torch.Tensor, views: tuple[Views, Views], marks: torch.Tensor,

@@ -56,6 +56,17 @@ def library_answer(query: Path, target: Path, points: np.ndarray) -> np.ndarray:
     return t_map.to_original(found.xy)
 
 
+def correspondences(query: LandmarkImage, target: LandmarkImage, form: dict[str, str]) -> list[dict]:
+    """POST /match of the shipped encoder with `target` uploaded; each query's answer in it."""
+    settings = Settings(encoder=SHIPPED, device="cpu", poll_interval_s=0)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
+        files = [("image", ("q.png", query.path.read_bytes(), "image/png")),
+                 ("targets", ("t.png", target.path.read_bytes(), "image/png"))]
+        response = client.post("/match", files=files, data=form)
+    assert response.status_code == 200, response.text
+    return [r["correspondences"][0] for r in response.json()["results"]]
+
+
 def test_the_shipped_artifact_is_a_two_level_encoder() -> None:
     encoder = load_encoder(SHIPPED)
     assert encoder.spec.is_dense and encoder.levels()["fine"] is not None
@@ -67,13 +78,7 @@ def test_phantom_landmarks_are_found_in_another_subject(phantoms: list[LandmarkI
     query, target = phantoms[0], phantoms[1]
     names = sorted(query.points)
     points = np.array([query.points[name] for name in names])
-    settings = Settings(encoder=SHIPPED, device="cpu", poll_interval_s=0)
-    with running_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
-        files = [("image", ("q.png", query.path.read_bytes(), "image/png")),
-                 ("targets", ("t.png", target.path.read_bytes(), "image/png"))]
-        response = client.post("/match", files=files, data={"points": json.dumps(points.tolist())})
-    assert response.status_code == 200, response.text
-    answers = [r["correspondences"][0] for r in response.json()["results"]]
+    answers = correspondences(query, target, {"points": json.dumps(points.tolist())})
     found = np.array([[a["x"], a["y"]] for a in answers])
     np.testing.assert_allclose(found, library_answer(query.path, target.path, points), atol=0.5)
     truth = np.array([target.points[name] for name in names])
@@ -114,14 +119,8 @@ def test_boxes_around_landmarks_are_found_in_another_subject(phantoms: list[Land
     names = sorted(query.points)
     centres = np.array([query.points[name] for name in names])
     boxes = np.concatenate([centres - 12, centres + 12], axis=1).clip(0, SIZE)
-    settings = Settings(encoder=SHIPPED, device="cpu", poll_interval_s=0)
-    with running_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
-        files = [("image", ("q.png", query.path.read_bytes(), "image/png")),
-                 ("targets", ("t.png", target.path.read_bytes(), "image/png"))]
-        response = client.post("/match", files=files, data={"boxes": json.dumps(boxes.tolist())})
-    assert response.status_code == 200, response.text
-    found = np.array([[r["correspondences"][0]["x"], r["correspondences"][0]["y"]]
-                      for r in response.json()["results"]])
+    answers = correspondences(query, target, {"boxes": json.dumps(boxes.tolist())})
+    found = np.array([[a["x"], a["y"]] for a in answers])
     truth = np.array([target.points[name] for name in names])
     errors = np.hypot(*(found - truth).T) / float(np.hypot(SIZE, SIZE))
     assert float(np.median(errors)) < 0.015 and float(np.max(errors)) < 0.05, errors.round(4)
