@@ -13,6 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from ace_model.errors import InputError
+
 
 def create_timm_model(name: str, img_size: int, drop_path: float) -> nn.Module:
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "drop_path_rate": drop_path}
@@ -21,7 +23,7 @@ def create_timm_model(name: str, img_size: int, drop_path: float) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
     except RuntimeError as err:
-        raise ValueError(f"timm cannot build backbone {name!r}: {err}") from err
+        raise InputError(f"timm cannot build backbone {name!r}: {err}") from err
 
 
 class Backbone(nn.Module):
@@ -34,24 +36,26 @@ class Backbone(nn.Module):
         self.model = create_timm_model(name, img_size, drop_path)
         self.dim: int = int(getattr(self.model, "num_features"))  # noqa: B009
         self.num_prefix_tokens: int = int(getattr(self.model, "num_prefix_tokens", 0))
-        with torch.no_grad():
-            was_training = self.model.training
-            self.model.eval()
-            probe = self.forward(torch.zeros(1, 3, img_size, img_size))
-            self.model.train(was_training)
-        self.grid_size: tuple[int, int] = (int(probe.shape[1]), int(probe.shape[2]))
-        self._check_stride()
+        side = img_size // self.reduction()
+        self.grid_size: tuple[int, int] = (side, side)
 
-    def _check_stride(self) -> None:
-        """The coordinate maps assume img_size = grid * stride: no input pixels silently dropped."""
+    def reduction(self) -> int:
+        """Input pixels per final token, from timm's feature_info (every ViT, Swin, ConvNeXt and
+        ResNet timm builds has it); the coordinate maps need img_size = grid * reduction, so no
+        input pixels are silently dropped."""
         info = getattr(self.model, "feature_info", None) or [{}]
         reduction = int(info[-1].get("reduction", 0))
-        if reduction and reduction * self.grid_size[0] != self.img_size:
-            raise ValueError(
+        if not reduction:
+            raise InputError(f"{self.name}: timm gives no feature_info reduction for this model, so its "
+                             "token grid is unknown; use a ViT, Swin or ConvNeXt backbone")
+        if self.img_size % reduction:
+            grid = self.img_size // reduction
+            raise InputError(
                 f"{self.name}: img_size {self.img_size} px is not a multiple of the backbone stride "
-                f"{reduction} px (the last {self.img_size - reduction * self.grid_size[0]} px would be "
-                f"ignored); use {reduction * self.grid_size[0]} or {reduction * (self.grid_size[0] + 1)}"
+                f"{reduction} px (the last {self.img_size - reduction * grid} px would be "
+                f"ignored); use {reduction * grid} or {reduction * (grid + 1)}"
             )
+        return reduction
 
     @property
     def stride(self) -> float:

@@ -1,4 +1,4 @@
-"""Configuration: frozen dataclasses with presets `tiny`, `cpu` and `full` (spec section 8).
+"""Configuration: frozen dataclasses with presets `tiny`, `cpu` and `full` (docs/model.md, "Presets").
 
 Every field carries one comment. A resolved config round-trips through `to_dict` / `from_dict`
 so that it can be written next to every checkpoint, encoder artifact and index version.
@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, TypeVar
 
+from ace_model.errors import InputError
 from ace_model.geometry import check_geometry
 
 T = TypeVar("T")
@@ -29,10 +30,10 @@ class GeometryConfig:
     def __post_init__(self) -> None:
         check_geometry(self.grid, self.n)
         if self.cell < 1:
-            raise ValueError(f"cell (pixels per cell) must be at least 1, got {self.cell}")
+            raise InputError(f"cell (pixels per cell) must be at least 1, got {self.cell}")
         low, high = self.base_scale
         if not 0 < low <= high <= 1:
-            raise ValueError(f"base_scale must satisfy 0 < low <= high <= 1, got {self.base_scale}")
+            raise InputError(f"base_scale must satisfy 0 < low <= high <= 1, got {self.base_scale}")
 
     @property
     def view_px(self) -> int:
@@ -64,9 +65,9 @@ class LossConfig:
     alpha_dec: float = 0.99  # alpha of the decomposition BCE
     alpha_comp: float = 0.9  # alpha of the composition BCE
     logit_scale: float = 1 / 0.07  # multiplier of the matching similarities
-    learn_logit_scale: bool = False  # reference code never optimises it (spec Q7)
-    normalize_student_local: bool = False  # L2-normalise up/down outputs (spec Q8)
-    mask_nonoverlap_rows: bool = False  # drop all-zero target rows from the BCE (spec Q9)
+    learn_logit_scale: bool = False  # reference code never optimises it (docs/model.md, bug Q7)
+    normalize_student_local: bool = False  # L2-normalise up/down outputs (docs/model.md, bug Q8)
+    mask_nonoverlap_rows: bool = False  # drop all-zero target rows from the BCE (docs/model.md, bug Q9)
     local_form: str = "focal"  # "focal": the paper's element-wise BCE; "softmax": cross-entropy
     # over target rows, the form that learns in CPU budgets (docs/correspondence.md)
     use_global: bool = True  # ablation switch for the global branch
@@ -102,7 +103,7 @@ class ACEConfig:
 
     def __post_init__(self) -> None:
         if self.geometry.view_px != self.model.img_size:
-            raise ValueError(
+            raise InputError(
                 f"view side n*cell = {self.geometry.view_px} px must equal the backbone input "
                 f"img_size = {self.model.img_size} px"
             )
@@ -126,7 +127,7 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+        raise InputError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
     defaults = cls()
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -139,15 +140,26 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: the dotted keys `ACEConfig.override` takes."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
         if part not in node or not isinstance(node[part], dict):
-            raise ValueError(f"unknown config section {part!r} in {key!r}")
+            raise InputError(f"unknown config section {part!r} in {key!r}")
         node = node[part]
     if parts[-1] not in node:
-        raise ValueError(f"unknown config key {key!r}")
+        raise InputError(f"unknown config key {key!r}")
     node[parts[-1]] = value
 
 
@@ -187,5 +199,5 @@ PRESETS = {"tiny": tiny, "cpu": cpu, "full": full}
 
 def preset(name: str) -> ACEConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ace_model.errors import InputError
+
 DENSE_BACKBONE = "ace_dense_pyramid"  # EncoderSpec.backbone value that selects this model
 COARSE_STRIDE = 16
 FINE_STRIDE = 4
@@ -36,7 +38,7 @@ class PyramidConfig:
     def from_dict(cls, data: dict[str, object]) -> PyramidConfig:
         widths = tuple(int(w) for w in data.get("widths", cls.widths))  # type: ignore[attr-defined]
         if len(widths) != 5 or min(widths) < 1:
-            raise ValueError(f"widths must be 5 positive channel counts, got {list(widths)}")
+            raise InputError(f"widths must be 5 positive channel counts, got {list(widths)}")
         return cls(widths, int(data.get("coarse_dim", 64)), int(data.get("fine_dim", 64)))  # type: ignore[call-overload]
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from ace_model.backbone import Backbone
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
 from ace_model.dense import COARSE_STRIDE, DENSE_BACKBONE, FINE_STRIDE, DensePyramid, PyramidConfig
+from ace_model.errors import InputError, UserError
 
 ARTIFACT_FORMAT = 2  # 2: levels recorded (coarse + fine); 1: a single ViT grid, refused
 CONFIG_FILE = "encoder.json"
@@ -39,7 +40,7 @@ REQUIRED_KEYS = ("backbone", "img_size", "pixel_mean", "pixel_std", "fingerprint
 ENCODER_STORE = "encoders"  # folder of an index root: <fingerprint>/ for each encoder that built it
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A missing, corrupt or mismatched encoder artifact."""
 
 
@@ -135,7 +136,7 @@ class Encoder(nn.Module):
 def _network(spec: EncoderSpec) -> nn.Module:
     if spec.is_dense:
         if spec.img_size % 32:
-            raise ValueError(f"the dense encoder needs img_size a multiple of 32, got {spec.img_size}")
+            raise InputError(f"the dense encoder needs img_size a multiple of 32, got {spec.img_size}")
         return DensePyramid(PyramidConfig.from_dict(spec.options))
     return Backbone(spec.backbone, spec.img_size, drop_path=0.0)
 

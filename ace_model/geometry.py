@@ -1,11 +1,12 @@
-"""Grid-wise view sampling, overlap masks and composition/decomposition targets (spec section 2).
+"""Grid-wise view sampling, overlap masks and composition/decomposition targets (docs/model.md,
+"Geometry conventions").
 
 Conventions (all row-major, row first): a *cell* is one `cell x cell` pixel square of the base
 image; offsets are in cells. View L spans 2n x 2n cells and is downsampled by 2 to n*cell pixels,
 so each L token covers a 2x2 cell block; view S spans n x n cells, one cell per token.
 Token index t = r * n + c with r the row.
 
-The reference implementation built the masks transposed (spec 2.6, Q1). Here every mask and
+The reference implementation built the masks transposed (docs/model.md, bug Q1). Here every mask and
 target is derived directly from the offsets and unit-tested against pixel coordinates.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ace_model.errors import InputError
 
 DECOMP_RADIUS = 2  # 5x5 Gaussian window on the fine grid
 COMP_RADIUS = 1  # 3x3 Gaussian window on the coarse grid
@@ -112,8 +115,8 @@ def cut_views(base: np.ndarray, pair: ViewPair, cell: int, n: int) -> tuple[np.n
 def check_geometry(grid: int, n: int) -> None:
     """Raise if some offsets could produce views that do not overlap."""
     if n < 2:
-        raise ValueError(f"n (tokens per view side) must be at least 2, got {n}")
+        raise InputError(f"n (tokens per view side) must be at least 2, got {n}")
     if n % 2:
-        raise ValueError(f"n must be even, got {n}")
+        raise InputError(f"n must be even, got {n}")
     if grid < 2 * n or grid >= 3 * n:
-        raise ValueError(f"need 2n <= grid < 3n for guaranteed overlap; got grid={grid}, n={n}")
+        raise InputError(f"need 2n <= grid < 3n for guaranteed overlap; got grid={grid}, n={n}")

@@ -1,4 +1,5 @@
-"""Pure modules: DINO head, dense head, decomposition (up) and composition (down) MLPs (spec 3.2)."""
+"""Pure modules: DINO head, dense head, decomposition (up) and composition (down) MLPs
+(docs/model.md, "Heads")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ACE losses (spec section 4). Computed in float32 whatever the autocast state."""
+"""ACE losses (docs/model.md, "Losses"). Computed in float32 whatever the autocast state."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def alpha_balanced_bce(
     """phi_a(x, t) = [a t + (1-a)(1-t)] * BCE(sigmoid(x), t), averaged over entries.
 
     Product form as in torchvision's sigmoid_focal_loss with gamma = 0. With `row_mask` (B, R)
-    the mean runs over kept rows only (spec Q9 option); by default all rows count.
+    the mean runs over kept rows only (the mask_nonoverlap_rows option, docs/model.md bug Q9); by
+    default all rows count.
     """
     logits, target = logits.float(), target.float()
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")

@@ -1,4 +1,6 @@
-"""Correspondence on patch grids: query sampling, similarity maps, mutual-NN check, sub-patch peak.
+"""Correspondence on patch grids: query sampling (points and boxes), similarity maps, sub-cell peak,
+and the two-level matcher `match_points` that /match, /heatmap, index-hit location and `ace eval`
+share.
 
 All coordinates here are continuous *grid* coordinates (x = column, y = row, patch centres at
 integers); `preprocess.CoordinateMap` converts them to and from original pixels. Each image is
@@ -20,14 +22,6 @@ from ace_model.preprocess import CoordinateMap
 Refinement = Literal["quadratic", "none"]
 REFINEMENTS: tuple[Refinement, ...] = ("quadratic", "none")
 MASKED = -2.0  # below any cosine similarity, so padding never wins the argmax
-
-
-@dataclass(frozen=True)
-class Located:
-    xy: np.ndarray  # (N, 2) refined grid coordinates of the best match in the target
-    score: np.ndarray  # (N,) cosine similarity at the best patch
-    mutual: np.ndarray  # (N,) bool: the target patch's best match in the query is the query patch
-    patch: np.ndarray  # (N, 2) integer (row, col) of the best target patch
 
 
 def sample_grid(grid: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
@@ -96,44 +90,6 @@ def refine_peak(
     if method == "none":
         return torch.stack([cols.float(), rows.float()], dim=-1)
     raise ValueError(f"unknown refinement {method!r}; choose one of {REFINEMENTS}")
-
-
-def locate(
-    query_grid: torch.Tensor,
-    query_xy: np.ndarray,
-    target_grid: torch.Tensor,
-    target_valid: torch.Tensor | None = None,
-    refine: Refinement = "quadratic",
-) -> Located:
-    """Find each query point (grid coords in the query) in the target grid.
-
-    query_grid, target_grid: (h, w, D) unit-norm patch embeddings; target_valid: (h, w) bool,
-    False for letterbox padding (never a match, never used by the refinement).
-    """
-    xy = torch.as_tensor(np.asarray(query_xy, dtype=np.float32)).reshape(-1, 2)
-    queries = sample_grid(query_grid.float(), xy)  # (N, D)
-    sim = similarity_maps(queries, target_grid)  # (N, h, w)
-    if target_valid is not None:
-        sim = sim.masked_fill(~target_valid[None].bool(), MASKED)
-    rows, cols = argmax_2d(sim)
-    score = sim[torch.arange(sim.shape[0]), rows, cols]
-    refined = refine_peak(sim, rows, cols, refine)
-    mutual = _mutual(query_grid, target_grid, xy, rows, cols)
-    return Located(refined.numpy(), score.numpy(), mutual.numpy(),
-                   torch.stack([rows, cols], -1).numpy())
-
-
-def _mutual(
-    query_grid: torch.Tensor, target_grid: torch.Tensor, xy: torch.Tensor,
-    rows: torch.Tensor, cols: torch.Tensor,
-) -> torch.Tensor:
-    """Back-match each found target patch into the query; mutual if it lands on the query patch."""
-    h, w, _ = query_grid.shape
-    back = target_grid[rows, cols].float() @ query_grid.float().flatten(0, 1).T  # (N, h*w)
-    back_best = back.argmax(1)
-    q_rows = xy[:, 1].round().long().clamp(0, h - 1)
-    q_cols = xy[:, 0].round().long().clamp(0, w - 1)
-    return back_best == q_rows * w + q_cols
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +170,18 @@ class Found:
 def sample_at(grid: torch.Tensor, xy_px: torch.Tensor, side: int) -> torch.Tensor:
     """Bilinear, re-normalised features of a grid (h, w, D) at px (N, 2) of a `side` px input."""
     return sample_grid(grid.float(), xy_px / (side / grid.shape[0]) - 0.5)
+
+
+def box_vectors(grid: torch.Tensor, boxes: np.ndarray, coords: CoordinateMap) -> torch.Tensor:
+    """A box's query vector: the normalised mean of the coarse cells whose centres lie inside it,
+    always including the cell under its centre. grid (h, w, D), boxes (N, 4) original px -> (N, D)."""
+    centres = coords.patch_centres()  # (h*w, 2) original px
+    x, y = centres[None, :, 0], centres[None, :, 1]
+    inside = (x >= boxes[:, 0:1]) & (x <= boxes[:, 2:3]) & (y >= boxes[:, 1:2]) & (y <= boxes[:, 3:4])
+    centre_cell = coords.patch_of((boxes[:, :2] + boxes[:, 2:]) / 2)  # (N, 2) row, col
+    inside[np.arange(len(boxes)), centre_cell[:, 0] * coords.grid + centre_cell[:, 1]] = True
+    flat = grid.flatten(0, 1)  # (h*w, D)
+    return F.normalize(torch.from_numpy(inside).to(flat.dtype) @ flat, dim=-1)
 
 
 def _level_map(grid: torch.Tensor, vector: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """ACE: student + EMA teacher with a global (overlap DINO) and a local (matrix matching) branch.
 
-Forward pass (spec 3.3) on one grid-aligned pair of views per sample:
+Forward pass (docs/model.md, "Method") on one grid-aligned pair of views per sample:
     tokens    = backbone([x_L; x_S])                       (2B, n, n, D)
     global    = DINO(masked_mean(tokens, [M_L; M_S]))      teacher S -> student L and vice versa
     dense     = dense_head(tokens)                         (2B, n*n, D), unit norm
@@ -21,6 +21,7 @@ from torch import nn
 
 from ace_model.backbone import Backbone
 from ace_model.config import ACEConfig, ModelConfig
+from ace_model.errors import InputError
 from ace_model.heads import ComposeMLP, DecomposeMLP, DenseHead, DINOHead
 from ace_model.losses import OverlapDINOLoss, alpha_balanced_bce, masked_mean, soft_target_cross_entropy
 
@@ -56,9 +57,9 @@ class ACE(nn.Module):
         super().__init__()
         self.config = config
         if config.loss.local_form not in ("focal", "softmax"):
-            raise ValueError(f"loss.local_form must be 'focal' or 'softmax', got {config.loss.local_form!r}")
+            raise InputError(f"loss.local_form must be 'focal' or 'softmax', got {config.loss.local_form!r}")
         if not (config.loss.use_global or config.loss.use_matching):
-            raise ValueError("both loss branches are switched off; enable use_global or use_matching")
+            raise InputError("both loss branches are switched off; enable use_global or use_matching")
         self.student = Branch(config.model, config.model.drop_path)
         self.teacher = Branch(config.model, drop_path=0.0)
         self.teacher.load_state_dict(self.student.state_dict())
@@ -81,7 +82,7 @@ class ACE(nn.Module):
         n = self.config.geometry.n
         grid = self.student.backbone.grid_size
         if grid != (n, n):
-            raise ValueError(
+            raise InputError(
                 f"backbone {self.config.model.backbone} at {self.config.model.img_size} px gives a "
                 f"{grid[0]}x{grid[1]} token grid, but the geometry needs {n}x{n}"
             )
@@ -143,7 +144,7 @@ class ACE(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """theta_t <- m theta_t + (1 - m) theta_s, parameters paired by name (spec Q11)."""
+        """theta_t <- m theta_t + (1 - m) theta_s, parameters paired by name (docs/model.md, bug Q11)."""
         student = dict(self.student.named_parameters())
         for name, teacher_param in self.teacher.named_parameters():
             teacher_param.mul_(momentum).add_(student[name].detach(), alpha=1 - momentum)

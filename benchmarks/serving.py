@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ace_model.embedding import EmbeddingPolicy, resolve_device
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
-from service.batcher import Batcher, BatcherConfig, resolve_device
+from service.batcher import Batcher, BatcherConfig
 
 
 def free_port() -> int:
@@ -53,7 +54,7 @@ def query_png(side: int) -> bytes:
 
 def raw_images_per_s(encoder: Encoder, device: str, batch: int, seconds: float) -> float:
     """The service's own forward path (device, autocast, copy back) without HTTP or queueing."""
-    runner = Batcher(BatcherConfig(batch, 0, batch, resolve_device(device), True), lambda b, d: None)
+    runner = Batcher(BatcherConfig(batch, 0, batch, EmbeddingPolicy.resolve(device)), lambda b, d: None)
     encoder = runner.prepare(encoder)  # includes a warm-up pass
     images = torch.randn(batch, 3, encoder.spec.img_size, encoder.spec.img_size)
     done, started = 0, time.perf_counter()
@@ -73,6 +74,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.main:create_app_from_env", "--factory",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+             "--http", "service.protocol:ConnectionLimitsProtocol",
              "--workers", str(workers)], env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 

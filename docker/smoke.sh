@@ -149,7 +149,8 @@ start_api() {
     url="http://127.0.0.1:$port"
     # the image's default command and settings, published on a free loopback port
     api="$(podman run -d -p "127.0.0.1:$port:8000" -v "$volume:/data" \
-        -e ACE_POLL_INTERVAL_S=1 -e ACE_THREADS=2 "$image_tag" 2>>"$work/podman.log")"
+        -e ACE_POLL_INTERVAL_S=1 -e ACE_THREADS=2 -e ACE_API_KEY=smoke-admin-key \
+        "$image_tag" 2>>"$work/podman.log")"
     containers+=("$api")
     log "api container ${api:0:12} on $url"
 }

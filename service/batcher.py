@@ -12,20 +12,26 @@ queueing without bound.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ace_model.encoder import Encoder
+from ace_model.embedding import EmbeddingPolicy
+from ace_model.encoder import Embeddings, Encoder
 
 
 class QueueFullError(RuntimeError):
     """The batcher's queue cannot take more images right now."""
+
+
+class WorkerDownError(RuntimeError):
+    """The worker thread has died: nothing queued would ever be answered."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,8 @@ class Embedded:
 class _Item:
     tensor: torch.Tensor  # (3, S, S) normalised model input
     encoder: Encoder  # the leased generation's encoder, already on the device
-    future: asyncio.Future[Embedded]
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Embedded] | concurrent.futures.Future[Embedded]
+    loop: asyncio.AbstractEventLoop | None  # None: a thread waits on a concurrent future (warm-up)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -50,8 +56,8 @@ class BatcherConfig:
     max_batch_size: int  # images per forward pass
     max_wait_ms: float  # wait after the first image to fill a batch
     queue_size: int  # images allowed to wait
-    device: torch.device  # where the encoder runs
-    autocast: bool  # fp16/bf16 autocast (CUDA only)
+    policy: EmbeddingPolicy  # device and precision, as index building uses them
+    stall_s: float = 120.0  # one forward pass running longer than this counts as stuck (/ready)
 
 
 BatchObserver = Callable[[int, int], None]  # (batch size, queue depth after taking it)
@@ -64,17 +70,32 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._busy_since: float | None = None  # when the running forward pass started
         self._thread = threading.Thread(target=self._run, name="ace-batcher", daemon=True)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
-    def prepare(self, encoder: Encoder) -> Encoder:
-        """Move an encoder to the serving device and run one forward pass (CUDA kernels, caches)."""
-        encoder = encoder.to(self.config.device).eval()
+    def problem(self) -> str | None:
+        """Why the worker cannot answer now (dead, or one forward pass running too long), or None."""
+        if not self._thread.is_alive():
+            return "the inference worker thread is not running"
+        busy_since = self._busy_since
+        if busy_since is not None and time.perf_counter() - busy_since > self.config.stall_s:
+            return f"the inference worker has been in one forward pass for over {self.config.stall_s:.0f} s"
+        return None
+
+    def prepare(self, encoder: Encoder, timeout_s: float = 600) -> Encoder:
+        """Move an encoder to the serving device and run one forward pass on the worker (CUDA
+        kernels and caches are made where they are used). Call from a thread, not the event loop."""
+        encoder = self.config.policy.place(encoder)
         size = encoder.spec.img_size
-        self.forward(torch.zeros(1, 3, size, size), encoder)
+        future: concurrent.futures.Future[Embedded] = concurrent.futures.Future()
+        with self._cond:  # beyond queue_size on purpose: a warm-up is never refused
+            self._queue.append(_Item(torch.zeros(3, size, size), encoder, future, None))
+            self._cond.notify()
+        future.result(timeout=timeout_s)
         return encoder
 
     def start(self) -> None:
@@ -89,17 +110,20 @@ class Batcher:
     async def embed(self, tensors: list[torch.Tensor], encoder: Encoder) -> list[Embedded]:
         """Embed the images together with whatever else is queued; QueueFullError when full."""
         loop = asyncio.get_running_loop()
-        items = [_Item(tensor, encoder, loop.create_future(), loop) for tensor in tensors]
+        futures: list[asyncio.Future[Embedded]] = [loop.create_future() for _ in tensors]
+        items = [_Item(t, encoder, f, loop) for t, f in zip(tensors, futures, strict=True)]
         with self._cond:
             if self._stopping:
-                raise QueueFullError("the service is shutting down")
+                raise WorkerDownError("the service is shutting down")
+            if not self._thread.is_alive():
+                raise WorkerDownError("the inference worker is not running; the service needs a restart")
             if len(self._queue) + len(items) > self.config.queue_size:
                 raise QueueFullError(
                     f"the inference queue is full ({len(self._queue)} images waiting); retry later"
                 )
             self._queue.extend(items)
             self._cond.notify()
-        return list(await asyncio.gather(*(item.future for item in items)))
+        return list(await asyncio.gather(*futures))
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -128,36 +152,24 @@ class Batcher:
 
     def _process(self, batch: list[_Item]) -> None:
         self._observe(len(batch), len(self._queue))
-        started = time.perf_counter()
+        started = self._busy_since = time.perf_counter()
         try:
-            patches, fine = self.forward(torch.stack([item.tensor for item in batch]), batch[0].encoder)
+            out = self.forward(torch.stack([item.tensor for item in batch]), batch[0].encoder)
         except Exception as err:  # the worker must survive; each caller gets the error
             for item in batch:
                 _resolve(item, err)
             return
+        finally:
+            self._busy_since = None
         inference_ms = (time.perf_counter() - started) * 1000
         for n, item in enumerate(batch):
             queue_ms = (started - item.enqueued) * 1000
-            _resolve(item, Embedded(patches[n], queue_ms, inference_ms, None if fine is None else fine[n]))
+            fine = None if out.fine is None else out.fine[n]
+            _resolve(item, Embedded(out.patches[n], queue_ms, inference_ms, fine))
 
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, S, S) -> coarse (B, h, w, D) and fine (B, H, W, d) or None, float32 on the CPU.
-        Call from the worker (or `prepare`)."""
-        with self._autocast():
-            out = encoder(images.to(self.config.device, non_blocking=True))
-        fine = None if out.fine is None else out.fine.float().cpu()
-        return out.patches.float().cpu(), fine
-
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        device = self.config.device
-        if device.type != "cuda" or not self.config.autocast:
-            yield
-            return
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast("cuda", dtype=dtype):
-            yield
+    def forward(self, images: torch.Tensor, encoder: Encoder) -> Embeddings:
+        """(B, 3, S, S) -> Embeddings, float32 on the CPU. Call from the worker (or `prepare`)."""
+        return self.config.policy.forward(encoder, images)
 
 
 def _fits(item: _Item, first: _Item) -> bool:
@@ -166,6 +178,12 @@ def _fits(item: _Item, first: _Item) -> bool:
 
 
 def _resolve(item: _Item, outcome: Embedded | Exception) -> None:
+    if item.loop is None:
+        assert isinstance(item.future, concurrent.futures.Future)
+        _settle_thread_future(item.future, outcome)
+        return
+    loop = item.loop
+
     def settle() -> None:
         if item.future.done():  # the client went away and the handler was cancelled
             return
@@ -175,12 +193,11 @@ def _resolve(item: _Item, outcome: Embedded | Exception) -> None:
             item.future.set_result(outcome)
 
     with contextlib.suppress(RuntimeError):  # the event loop has already closed
-        item.loop.call_soon_threadsafe(settle)
+        loop.call_soon_threadsafe(settle)
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("ACE_DEVICE=cuda but no CUDA device is available")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+def _settle_thread_future(future: concurrent.futures.Future[Embedded], outcome: Embedded | Exception) -> None:
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -17,11 +17,16 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     autocast: bool = True  # fp16/bf16 autocast on CUDA (CPU always runs fp32)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None keeps torch's default
+    worker_stall_s: float = Field(120.0, gt=0)  # one forward pass longer than this: /ready says 503
     max_batch_size: int = Field(8, ge=1, le=1024)  # images per forward pass
     max_wait_ms: float = Field(5.0, ge=0)  # how long the worker waits to fill a batch
     queue_size: int = Field(64, ge=1)  # images waiting for the worker; beyond it requests get 429
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # whole request body, checked while read
     max_pixels: int = Field(64_000_000, ge=4)  # decoded pixels per image (decompression bombs)
+    max_request_pixels: int = Field(160_000_000, ge=4)  # decoded pixels of all uploads of one request
+    memory_budget_mb: int = Field(2048, ge=16)  # working memory of all uploads being decoded and
+    # answered at once in this process; a request waits for its share (docs/service.md)
+    memory_wait_s: float = Field(30.0, ge=0)  # longest wait for that share before a 429
     max_points: int = Field(64, ge=1)  # points or boxes per request
     max_targets: int = Field(8, ge=0)  # uploaded target images per request
     max_image_ids: int = Field(32, ge=0)  # indexed image ids per request
@@ -31,7 +36,7 @@ class Settings(BaseSettings):
     locate_hits: int = Field(8, ge=0)  # distinct index-hit images per request located at fine
     # precision (their previews embedded once more); 0 = patch centres only
     poll_interval_s: float = Field(10.0, ge=0)  # CURRENT pointer poll; 0 disables polling
-    api_key: SecretStr | None = None  # required on /admin routes when set
+    api_key: SecretStr | None = None  # admin routes need it; without one they answer 403
     cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated allowed origins
     log_level: str = "info"
 
@@ -58,3 +63,13 @@ class Settings(BaseSettings):
                              f"their second looks: at least (1 + ACE_MAX_TARGETS) x {inputs} = {needed} "
                              "(or lower ACE_MAX_LOOK)")
         return self
+
+
+class ConnectionSettings(BaseSettings):
+    """Limits of the HTTP connection itself, applied by uvicorn's protocol (service/protocol.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="ACE_", extra="ignore")
+
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; beyond: 431
+    header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within this
+    body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this

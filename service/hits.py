@@ -20,7 +20,7 @@ from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import Levels, refine_near
 from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, prepare
-from service.batcher import QueueFullError
+from service.batcher import QueueFullError, WorkerDownError
 from service.queries import QuerySet
 from service.schemas import Match
 from service.state import AppState
@@ -70,9 +70,9 @@ async def locate_hits(state: AppState, encoder: Encoder, index: PatchIndex, matc
     previews = [p for p in loaded if p is not None]
     try:
         embedded = await state.batcher.embed([p.tensor for p in previews], encoder)
-    except QueueFullError:
+    except (QueueFullError, WorkerDownError) as err:
         state.metrics.rejected.inc(len(previews))
-        log.warning("queue full: %d index hits answered at their patch centres", len(previews))
+        log.warning("%s: %d index hits answered at their patch centres", err, len(previews))
         return  # busy: answer with patch centres rather than refuse the request
     levels = {p.image_id: (p, Levels.of(e.patches, e.fine, p.coords))
               for p, e in zip(previews, embedded, strict=True)}

@@ -21,7 +21,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_413(send, self._message(declared))
+            await _send_413(send, self._message(declared), scope)
             return
         await self.app(scope, self._counting(receive), send)
 
@@ -54,8 +54,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_413(send: Send, detail: str, scope: Scope) -> None:
+    body = json.dumps({"detail": detail, "request_id": scope.get("state", {}).get("request_id", "")}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
     await send({"type": "http.response.start", "status": 413, "headers": headers})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,20 +19,22 @@ from pathlib import Path
 import torch
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
+from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder, load_encoder
-from service.batcher import Batcher, BatcherConfig, resolve_device
+from service.batcher import Batcher, BatcherConfig
+from service.budget import MB, MemoryBudget
 from service.config import Settings
-from service.errors import install_error_handlers
+from service.errors import RequestIdMiddleware, install_error_handlers
 from service.generations import Generation, GenerationHolder
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, RequestMetricsMiddleware
-from service.routes import admin, health, match, metrics
+from service.routes import admin, health, match, metrics, viewer
 from service.state import AppState
 
 log = logging.getLogger("ace.service")
 
-VIEWER_MODULE = "service.routes.viewer"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -54,8 +55,10 @@ def create_app(settings: Settings) -> FastAPI:
             state.batcher.stop()
             state.served.close()
 
-    app = FastAPI(title="ACE correspondence service", version="0.1.0", lifespan=lifespan,
-                  description="Patch retrieval and cross-patient anatomical correspondence for chest X-rays.")
+    # /docs and /redoc load Swagger UI and ReDoc from this service (fastapi-offline), not from a CDN
+    app = FastAPIOffline(title="ACE correspondence service", version="0.1.0", lifespan=lifespan,
+                         description="Patch retrieval and cross-patient anatomical correspondence "
+                                     "for chest X-rays.")
     _add_middleware(app, settings, app_metrics)
     install_error_handlers(app)
     for router in _routers():
@@ -70,14 +73,7 @@ def create_app_from_env() -> FastAPI:
 
 
 def _routers() -> list[APIRouter]:
-    routers = [match.router, health.router, metrics.router, admin.router]
-    try:
-        viewer = importlib.import_module(VIEWER_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != VIEWER_MODULE:
-            raise
-        return routers
-    return [*routers, viewer.router]
+    return [match.router, health.router, metrics.router, admin.router, viewer.router]
 
 
 def _add_middleware(app: FastAPI, settings: Settings, app_metrics: Metrics) -> None:
@@ -86,26 +82,28 @@ def _add_middleware(app: FastAPI, settings: Settings, app_metrics: Metrics) -> N
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=app_metrics)
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: ids and 500s for all of the above
 
 
 def _start(settings: Settings, app_metrics: Metrics) -> AppState:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    device = resolve_device(settings.device)
+    policy = EmbeddingPolicy.resolve(settings.device, settings.autocast)
     config = BatcherConfig(settings.max_batch_size, settings.max_wait_ms, settings.queue_size,
-                           device, settings.autocast)
+                           policy, settings.worker_stall_s)
     batcher = Batcher(config, app_metrics.observe_batch)
     batcher.start()
 
     def load_ready(directory: Path, fingerprint: str) -> Encoder:
         return batcher.prepare(load_encoder(directory, expected_fingerprint=fingerprint))
 
-    encoder = load_encoder(settings.encoder).to(device).eval()  # warmed up by the lifespan
+    encoder = policy.place(load_encoder(settings.encoder))  # warmed up by the lifespan
     served = GenerationHolder(Generation(encoder, None), settings.index_root, settings.encoder, load_ready)
     result = served.reload()
-    log.info("encoder %s (%s) on %s; index: %s", served.current.encoder.fingerprint,
-             encoder.spec.backbone, device, result.detail)
-    return AppState(settings, batcher, served, app_metrics)
+    log.info("encoder %s (%s) on %s (%s); index: %s", served.current.encoder.fingerprint,
+             encoder.spec.backbone, policy.device, policy.precision, result.detail)
+    budget = MemoryBudget(settings.memory_budget_mb * MB, settings.memory_wait_s)
+    return AppState(settings, batcher, served, app_metrics, budget)
 
 
 async def _warm_up(state: AppState) -> None:

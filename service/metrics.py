@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -37,7 +38,11 @@ class Metrics:
 
 
 class RequestMetricsMiddleware:
-    """Counts every HTTP request by its route template (not the raw path, to bound cardinality)."""
+    """Counts every HTTP request by its route template (not the raw path, to bound cardinality).
+
+    FastAPI routes name themselves in the scope; plain Starlette routes and mounts (/openapi.json,
+    the docs' static assets) are looked up in the app's routes; a path no route takes is `unmatched`.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -49,6 +54,9 @@ class RequestMetricsMiddleware:
             return
         status = 500  # stays 500 if the app raises before it starts a response
         started = time.perf_counter()
+        request = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""),
+                   "method": scope.get("method", ""), "headers": scope.get("headers", [])}
+        # (the scope as it came in: routing rewrites root_path for mounts)
 
         async def record_status(message: Message) -> None:
             nonlocal status
@@ -59,10 +67,25 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self._record(scope, status, time.perf_counter() - started)
+            self._record(scope, request, status, time.perf_counter() - started)
 
-    def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", "unmatched")
+    def _record(self, scope: Scope, request: Scope, status: int, seconds: float) -> None:
+        route = route_label(scope, request)
         method = str(scope.get("method", ""))
         self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(method, route).observe(seconds)
+
+
+def route_label(scope: Scope, request: Scope) -> str:
+    """The template of the route that took the request: FastAPI's, else the app's route or mount
+    whose pattern matches `request` (the scope as it came in), else `unmatched`."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    routes: list[BaseRoute] = getattr(scope.get("app"), "routes", [])
+    for wanted in (Match.FULL, Match.PARTIAL):  # PARTIAL: the path matches, the method does not (405)
+        for route in routes:
+            template = getattr(route, "path_format", None)
+            if isinstance(template, str) and route.matches(request)[0] is wanted:
+                return template
+    return "unmatched"

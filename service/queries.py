@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ace_model.match import Found, Levels, Look, match_points, sample_at
+from ace_model.match import Found, Levels, Look, box_vectors, match_points, sample_at
 from ace_model.preprocess import CoordinateMap
 from service.errors import invalid
 
@@ -114,20 +113,8 @@ def embed_queries(shapes: QueryShapes, grid: torch.Tensor, coords: CoordinateMap
     if shapes.boxes is None:
         vectors = sample_at(grid, torch.as_tensor(model_xy, dtype=torch.float32), coords.size)
         return QuerySet(vectors, model_xy, None)
-    regions = _box_regions(shapes.boxes, coords)
-    flat = grid.flatten(0, 1)  # (h*w, D)
-    sums = regions.to(flat.dtype) @ flat  # (N, D)
     boxes_px = coords.to_model(shapes.boxes.reshape(-1, 2)).reshape(-1, 4)
-    return QuerySet(F.normalize(sums, dim=-1), model_xy, boxes_px)
-
-
-def _box_regions(boxes: np.ndarray, coords: CoordinateMap) -> torch.Tensor:
-    centres = coords.patch_centres()  # (h*w, 2)
-    x, y = centres[None, :, 0], centres[None, :, 1]
-    inside = (x >= boxes[:, 0:1]) & (x <= boxes[:, 2:3]) & (y >= boxes[:, 1:2]) & (y <= boxes[:, 3:4])
-    centre_patch = coords.patch_of((boxes[:, :2] + boxes[:, 2:]) / 2)  # (N, 2) row, col
-    inside[np.arange(len(boxes)), centre_patch[:, 0] * coords.grid + centre_patch[:, 1]] = True
-    return torch.from_numpy(inside)
+    return QuerySet(box_vectors(grid, shapes.boxes, coords), model_xy, boxes_px)
 
 
 def locate_queries(query: QuerySet, query_levels: Levels, target_levels: Levels,

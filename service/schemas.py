@@ -49,6 +49,8 @@ class MatchResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong and what to do about it")
+    request_id: str = Field("", description="this request's id, also in the X-Request-ID header; "
+                                             "a 500's traceback is logged under it")
 
 
 class Health(BaseModel):
@@ -80,6 +82,8 @@ class IndexInfo(BaseModel):
 class Limits(BaseModel):
     max_upload_bytes: int
     max_pixels: int
+    max_request_pixels: int
+    memory_budget_mb: int
     max_points: int
     max_targets: int
     max_image_ids: int
@@ -89,6 +93,7 @@ class Limits(BaseModel):
 class BatchingInfo(BaseModel):
     device: str
     autocast: bool
+    precision: str  # fp32 | bf16 | fp16, as ace_model.embedding.EmbeddingPolicy chose
     max_batch_size: int
     max_wait_ms: float
     queue_size: int
@@ -98,7 +103,7 @@ class BatchingInfo(BaseModel):
 class Info(BaseModel):
     encoder: EncoderInfo
     index: IndexInfo | None
-    index_root: str | None
+    index_root: str | None = Field(description="the index root; only shown to requests with the API key")
     limits: Limits
     batching: BatchingInfo
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from service.batcher import Batcher
+from service.budget import MemoryBudget
 from service.config import Settings
 from service.generations import GenerationHolder
 from service.metrics import Metrics
@@ -18,6 +19,7 @@ class AppState:
     batcher: Batcher  # `await batcher.embed([tensor, ...], generation.encoder)` -> patch grids
     served: GenerationHolder  # `with served.lease() as generation:` -> its encoder and index (or None)
     metrics: Metrics  # this app's Prometheus registry
+    budget: MemoryBudget  # images' working memory, reserved per request (service/pipeline.py)
     warmed_up: bool = False  # a first forward pass has run
 
 

@@ -1,7 +1,8 @@
 """The dependency direction of ARCHITECTURE.md, enforced by walking every module's imports.
 
-ace_model never imports training, service or the web stack; faiss lives in ace_model/index.py
-only; service never imports training; training never imports service.
+ace_model never imports training, service or the web stack; faiss lives in the ace_model/index/
+package only; service never imports training; training never imports service; the modules the
+`ace` parser needs import no torch at module level.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ FORBIDDEN = {
     "training": ("service",),
     "service": ("training",),
 }
-FAISS_HOME = "ace_model/index.py"
+FAISS_HOME = "ace_model/index/"
 
 
 def module_name(path: Path) -> str:
@@ -69,14 +70,15 @@ def test_package_imports_follow_the_dependency_direction(package: str) -> None:
     assert not violations, "dependency direction broken:\n" + "\n".join(violations)
 
 
-def test_faiss_is_imported_only_by_the_index_module() -> None:
+def test_faiss_is_imported_only_by_the_index_package() -> None:
     users = [
-        str(path.relative_to(ROOT))
+        path.relative_to(ROOT).as_posix()
         for package in PACKAGES
         for path in source_files(package)
         if any(top_level(m) == "faiss" for m in imported_modules(path))
     ]
-    assert users in ([], [FAISS_HOME]), f"faiss imported outside {FAISS_HOME}: {users}"
+    outside = [user for user in users if not user.startswith(FAISS_HOME)]
+    assert users and not outside, f"faiss imported outside {FAISS_HOME}: {outside}"
 
 
 def test_relative_imports_are_resolved() -> None:
@@ -87,3 +89,51 @@ def test_relative_imports_are_resolved() -> None:
     assert resolved == ["service", "ace_model", "ace_model.sub.deep"]
     init = ROOT / "ace_model" / "__init__.py"
     assert resolve(ast.parse("from .geometry import x").body[0], init) == "ace_model.geometry"  # type: ignore[arg-type]
+
+
+# Modules that building the `ace` parser imports: none may import torch, timm or FAISS at module
+# level (tests/test_cli.py checks the whole import graph in a fresh interpreter).
+PARSER_MODULES = ("ace_model/errors.py", "ace_model/config.py", "ace_model/geometry.py",
+                  "ace_model/index/__init__.py", "ace_model/index/params.py", "training/cli.py",
+                  "training/cmd_options.py", "training/run_config.py", "training/dense_config.py",
+                  "training/phantom_types.py", "training/landmarks.py",
+                  *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "training").glob("cmd_*.py"))))
+HEAVY = ("torch", "timm", "faiss")
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Imports that run when the module is imported: not inside functions or `if TYPE_CHECKING:`."""
+    found: set[str] = set()
+    pending = list(ast.parse(path.read_text(), filename=str(path)).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(resolve(node, path))
+        elif isinstance(node, ast.If) and not is_type_checking(node.test):
+            pending += node.body + node.orelse
+        elif isinstance(node, ast.Try | ast.With):
+            pending += node.body
+    return found
+
+
+@pytest.mark.parametrize("relative", PARSER_MODULES)
+def test_parser_modules_import_nothing_heavy_at_module_level(relative: str) -> None:
+    heavy = sorted(m for m in module_level_imports(ROOT / relative) if top_level(m) in HEAVY)
+    assert not heavy, f"{relative} imports {heavy} at module level; import it inside the command"
+
+
+def test_tests_share_helpers_through_helper_modules_only() -> None:
+    """A conftest holds fixtures and a test module holds tests: importing either couples tests."""
+    coupled = {
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in (ROOT / "tests").rglob("*.py")
+        for module in imported_modules(path)
+        if module.startswith("tests.") and module.rsplit(".", 1)[-1].startswith(("conftest", "test_"))
+    }
+    assert not coupled, sorted(coupled)

@@ -87,3 +87,12 @@ def test_full_preset_builds() -> None:
     assert model.student.backbone.grid_size == (14, 14)
     assert model.student.backbone.dim == 1024
     assert model.student.dino_head.last_layer.weight.shape == (65536, 256)
+
+
+def test_the_grid_comes_from_feature_info_without_a_forward_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_forward(self: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the constructor ran a forward pass")
+
+    monkeypatch.setattr(Backbone, "forward", no_forward)
+    assert Backbone("vit_tiny_patch16_224", 96).grid_size == (6, 6)
+    assert Backbone("convnext_atto", 128).grid_size == (4, 4)

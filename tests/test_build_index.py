@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,10 @@ from PIL import Image
 from ace_model import index as ix
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
 from ace_model.preprocess import load_image, prepare
+from tests.helpers import DATASET_SIZES as SIZES
+from tests.helpers import write_dataset
 from training import build_index as bi
 from training.cli import main
-
-SIZES = [(96, 64), (64, 64), (50, 80), (120, 60), (64, 96), (70, 70)]
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +24,7 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def write_dataset(folder: Path, sizes: list[tuple[int, int]], prefix: str = "im") -> Path:
-    """A landmark-style data set: images/*.png + metadata.csv (two images per patient)."""
-    rng = np.random.default_rng(len(prefix))
-    (folder / "images").mkdir(parents=True)
-    with (folder / "metadata.csv").open("w", newline="") as table:
-        writer = csv.writer(table)
-        writer.writerow(["image", "image_id", "patient_id"])
-        for i, (width, height) in enumerate(sizes):
-            pixels = (rng.random((height, width)) * 255).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(folder / "images" / f"{prefix}{i}.png")
-            writer.writerow([f"images/{prefix}{i}.png", f"{prefix}{i}", f"pat{i // 2}"])
-    return folder
+
 
 
 @pytest.fixture(scope="module")

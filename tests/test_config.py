@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
-from ace_model.config import PRESETS, ACEConfig, GeometryConfig, cpu, full, preset, tiny
+from ace_model.config import PRESETS, ACEConfig, GeometryConfig, cpu, flatten, full, preset, tiny
+from training.run_config import load_config_file, resolve_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -72,3 +75,41 @@ def test_base_scale_is_validated(scale: tuple[float, float]) -> None:
 def test_geometry_derived_sizes() -> None:
     geo = full().geometry
     assert (geo.view_px, geo.base_px) == (448, 1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/*.json: diffs against their preset (training.run_config resolves them)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# sha256 of each file's resolved config (sorted JSON) when the files were reduced to their
+# differences: the reduction changed no setting. A deliberate change of a file or of a preset
+# updates these.
+RESOLVED = {"cpu-phantoms-30min.json": "f8dd83e71a8298d5", "cpu-phantoms.json": "f373a682b1a2a094",
+            "full-chestxray14.json": "d2c62a3bf1825af2"}
+
+
+def test_config_files_resolve_as_pinned() -> None:
+    assert sorted(p.name for p in CONFIGS.glob("*.json")) == sorted(RESOLVED)
+    for name, digest in RESOLVED.items():
+        resolved = json.dumps(resolve_config(None, CONFIGS / name).to_dict(), sort_keys=True)
+        assert hashlib.sha256(resolved.encode()).hexdigest()[:16] == digest, f"{name}: {resolved}"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
+def test_config_files_hold_only_their_differences(path: Path) -> None:
+    named, settings = load_config_file(path)
+    assert named in PRESETS, f"{path.name} must name its preset"
+    base = flatten(json.loads(json.dumps(preset(named).to_dict())))
+    restated = {key: value for key, value in settings.items() if base[key] == value}
+    assert not restated, f"{path.name} restates its preset's defaults: {restated}"
+
+
+def test_overrides_apply_after_the_file_and_the_file_after_its_preset(tmp_path: Path) -> None:
+    path = tmp_path / "diff.json"
+    path.write_text(json.dumps({"preset": "tiny", "train": {"lr": 0.01, "seed": 3}}))
+    config = resolve_config(None, path, {"train.seed": 4})
+    assert (config.name, config.train.lr, config.train.seed) == ("tiny", 0.01, 4)
+    assert config.model == tiny().model
+    assert resolve_config("cpu", path).name == "cpu"  # --preset wins over the file's
+    with pytest.raises(ValueError, match="cannot read config file"):
+        resolve_config(None, tmp_path / "missing.json")

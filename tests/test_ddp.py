@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_engine import write_images
+from tests.helpers import write_images
 from training import engine
+from training.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,5 +33,5 @@ def test_torchrun_two_processes_keep_identical_teachers(tmp_path: Path) -> None:
     assert len(hashes) == 2 and hashes[0] == hashes[1]
     plan = json.loads((run_dir / engine.RUN_FILE).read_text())["plan"]
     assert plan["world_size"] == 2 and plan["global_batch"] == 2 * 2
-    assert engine.load_checkpoint(run_dir)["step"] == 3
+    assert load_checkpoint(run_dir)["step"] == 3
     assert len((run_dir / engine.METRICS_FILE).read_text().splitlines()) == 3

@@ -45,7 +45,15 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-def _compose_config(*files: Path, profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+def _compose_config(*files: Path, profiles: tuple[str, ...] = (), api_key: str | None = "a-test-key"
+                    ) -> dict[str, Any]:
+    result = _run_compose_config(files, profiles, api_key)
+    assert result.returncode == 0, f"compose config failed:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def _run_compose_config(files: tuple[Path, ...], profiles: tuple[str, ...], api_key: str | None
+                        ) -> subprocess.CompletedProcess[str]:
     command = _compose_command()
     if command is None:
         pytest.skip("no compose validator: neither the docker compose plugin nor docker-compose "
@@ -55,10 +63,15 @@ def _compose_config(*files: Path, profiles: tuple[str, ...] = ()) -> dict[str, A
         args += ["-f", str(file)]
     for profile in profiles:
         args += ["--profile", profile]
-    result = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin"})  # no ACE_* from the caller's shell
-    assert result.returncode == 0, f"compose config failed:\n{result.stderr}"
-    return json.loads(result.stdout)
+    env = {"PATH": "/usr/bin:/bin"}  # no ACE_* from the caller's shell
+    if api_key is not None:
+        env["ACE_API_KEY"] = api_key
+    return subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True, env=env)
+
+
+def test_compose_refuses_to_start_the_api_without_an_api_key() -> None:
+    result = _run_compose_config((COMPOSE,), (), api_key=None)
+    assert result.returncode != 0 and "ACE_API_KEY" in result.stderr
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Training engine: schedules as arrays, optimizer groups, clipping, resume, export, the CLI."""
+"""Training: schedules as arrays, optimizer groups, clipping, resume, export, config resolution, the CLI."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from ace_model.config import ACEConfig, preset
 from ace_model.encoder import load_encoder
 from ace_model.method import ACE
-from training import cmd_train, engine
+from tests.helpers import write_images
+from training import checkpoints, cmd_train, engine, export, run_config, run_state, schedules
+from training.cli import main
 
 TINY = preset("tiny")
 
@@ -26,7 +27,7 @@ TINY = preset("tiny")
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_the_end_value() -> None:
-    values = engine.cosine_schedule(1.0, 0.1, total_steps=20, warmup_steps=5)
+    values = schedules.cosine_schedule(1.0, 0.1, total_steps=20, warmup_steps=5)
     assert values.shape == (20,)
     np.testing.assert_allclose(values[:5], [0.2, 0.4, 0.6, 0.8, 1.0])
     assert values.max() == pytest.approx(1.0) and values[-1] == pytest.approx(0.1)
@@ -34,35 +35,35 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_the_end_value() -> Non
 
 
 def test_cosine_schedule_without_warmup_can_increase() -> None:
-    values = engine.cosine_schedule(0.04, 0.4, total_steps=11)
+    values = schedules.cosine_schedule(0.04, 0.4, total_steps=11)
     assert values[0] == pytest.approx(0.04) and values[-1] == pytest.approx(0.4)
     assert values[5] == pytest.approx(0.22)  # half-way point of the cosine
     assert np.all(np.diff(values) >= 0)
 
 
 def test_cosine_schedule_clips_a_warmup_longer_than_the_run() -> None:
-    np.testing.assert_allclose(engine.cosine_schedule(1.0, 0.0, 3, warmup_steps=10), [1 / 3, 2 / 3, 1.0])
+    np.testing.assert_allclose(schedules.cosine_schedule(1.0, 0.0, 3, warmup_steps=10), [1 / 3, 2 / 3, 1.0])
     with pytest.raises(ValueError, match="at least one step"):
-        engine.cosine_schedule(1.0, 0.0, 0)
+        schedules.cosine_schedule(1.0, 0.0, 0)
 
 
 def test_schedules_scale_lr_with_the_global_batch() -> None:
     settings = {"train.lr": 5e-4, "train.batch_size": 8, "train.warmup_epochs": 2.0, "train.epochs": 4}
     train = TINY.override(settings).train
-    plan = engine.plan_run(train, num_images=400, world_size=4, max_steps=None)
+    plan = schedules.plan_run(train, num_images=400, world_size=4, max_steps=None)
     assert (plan.steps_per_epoch, plan.global_batch, plan.total_steps) == (12, 32, train.epochs * 12)
-    schedules = engine.build_schedules(train, plan)
+    arrays = schedules.build_schedules(train, plan)
     peak = 5e-4 * 32 / 256
-    assert schedules.lr[23] == pytest.approx(peak) and schedules.lr[:23].max() < peak
-    assert schedules.lr[-1] == pytest.approx(train.min_lr)
-    np.testing.assert_allclose(schedules.weight_decay[[0, -1]], [0.04, 0.4])
-    np.testing.assert_allclose(schedules.momentum[[0, -1]], [0.996, 1.0])
+    assert arrays.lr[23] == pytest.approx(peak) and arrays.lr[:23].max() < peak
+    assert arrays.lr[-1] == pytest.approx(train.min_lr)
+    np.testing.assert_allclose(arrays.weight_decay[[0, -1]], [0.04, 0.4])
+    np.testing.assert_allclose(arrays.momentum[[0, -1]], [0.996, 1.0])
 
 
 def test_plan_uses_max_steps_and_rejects_tiny_data() -> None:
-    assert engine.plan_run(TINY.train, 8, 1, max_steps=50).total_steps == 50
+    assert schedules.plan_run(TINY.train, 8, 1, max_steps=50).total_steps == 50
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        engine.plan_run(TINY.train, 3, 2, max_steps=None)
+        schedules.plan_run(TINY.train, 3, 2, max_steps=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def test_plan_uses_max_steps_and_rejects_tiny_data() -> None:
 
 def test_param_groups_exempt_biases_and_1d_params_from_decay() -> None:
     model = ACE(TINY)
-    groups = engine.param_groups(model.trainable_named_parameters())
+    groups = run_state.param_groups(model.trainable_named_parameters())
     decayed = {id(p) for p in groups[0]["params"]}
     named = dict(model.trainable_named_parameters())
     assert groups[1]["weight_decay"] == 0.0
@@ -104,20 +105,7 @@ def test_last_layer_gradients_dropped_only_in_the_frozen_epochs() -> None:
 # Training runs (tiny preset, a few steps)
 
 
-def write_images(folder: Path, count: int = 8) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:120, 0:110] / 120.0
-    paths = []
-    for i in range(count):
-        image = 0.4 * yy + 0.2 * xx
-        for _ in range(5):
-            cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
-            image = image + 0.5 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        image = (image - image.min()) / (image.max() - image.min())
-        paths.append(folder / f"img{i}.png")
-        Image.fromarray((image * 255).astype(np.uint8)).save(paths[-1])
-    return paths
+
 
 
 def losses(run_dir: Path) -> list[tuple[int, float, float, float, float]]:
@@ -142,8 +130,8 @@ def test_resume_reproduces_the_uninterrupted_loss_trajectory(runs: dict[str, Pat
     straight, split = losses(runs["root"] / "straight"), losses(runs["root"] / "split")
     assert [r[0] for r in split] == [1, 2, 3, 4]
     np.testing.assert_allclose(np.array(split), np.array(straight), rtol=1e-5, atol=1e-6)
-    a = engine.load_checkpoint(runs["straight"])["model"]
-    b = engine.load_checkpoint(runs["resumed"])["model"]
+    a = checkpoints.load_checkpoint(runs["straight"])["model"]
+    b = checkpoints.load_checkpoint(runs["resumed"])["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -151,9 +139,9 @@ def test_resume_reproduces_the_uninterrupted_loss_trajectory(runs: dict[str, Pat
 @pytest.mark.slow
 def test_run_directory_holds_config_checkpoints_and_finite_losses(runs: dict[str, Path]) -> None:
     run_dir = runs["root"] / "straight"
-    assert ACEConfig.from_dict(json.loads((run_dir / engine.CONFIG_FILE).read_text())) == TINY
+    assert ACEConfig.from_dict(json.loads((run_dir / run_config.CONFIG_FILE).read_text())) == TINY
     assert json.loads((run_dir / engine.RUN_FILE).read_text())["plan"]["total_steps"] == 4
-    checkpoint = engine.load_checkpoint(run_dir)
+    checkpoint = checkpoints.load_checkpoint(run_dir)
     assert checkpoint["step"] == 4 and set(checkpoint) >= {"model", "optimizer", "scaler", "rng"}
     assert all(np.isfinite(value) for record in losses(run_dir) for value in record)
 
@@ -169,10 +157,10 @@ def test_resume_with_another_config_is_refused(runs: dict[str, Path]) -> None:
 @pytest.mark.slow
 def test_export_gives_an_encoder_equal_to_the_teacher_backbone(runs: dict[str, Path]) -> None:
     artifact = runs["root"] / "artifact"
-    engine.export_encoder(runs["straight"], artifact)
+    export.export_encoder(runs["straight"], artifact)
     encoder = load_encoder(artifact)
     model = ACE(TINY)
-    model.load_state_dict(engine.load_checkpoint(runs["straight"])["model"])
+    model.load_state_dict(checkpoints.load_checkpoint(runs["straight"])["model"])
     images = torch.randn(2, 3, TINY.model.img_size, TINY.model.img_size)
     with torch.no_grad():
         expected = F.normalize(model.teacher.backbone.eval()(images), dim=-1)
@@ -183,9 +171,9 @@ def test_export_gives_an_encoder_equal_to_the_teacher_backbone(runs: dict[str, P
 
 
 def test_init_encoder_is_seeded(tmp_path: Path) -> None:
-    first = engine.init_encoder(TINY, tmp_path / "a", seed=1)
-    again = engine.init_encoder(TINY, tmp_path / "b", seed=1)
-    other = engine.init_encoder(TINY, tmp_path / "c", seed=2)
+    first = export.init_encoder(TINY, tmp_path / "a", seed=1)
+    again = export.init_encoder(TINY, tmp_path / "b", seed=1)
+    other = export.init_encoder(TINY, tmp_path / "c", seed=2)
     assert first.fingerprint == again.fingerprint != other.fingerprint
     assert load_encoder(tmp_path / "a").spec.provenance["source"] == "random init"
 
@@ -204,7 +192,7 @@ def test_overrides_are_typed_from_the_config_fields(tmp_path: Path) -> None:
     args = parse(["train", "--preset", "tiny", "--data", "x", "--out", str(tmp_path),
                   "--train.lr=1e-4", "--geometry.base_scale=0.9,1.0", "--loss.use_global", "false",
                   "--train.batch_size=4"])
-    config = cmd_train.resolve_config(args)
+    config = cmd_train.resolve_args_config(args)
     assert config.train.lr == 1e-4 and config.train.batch_size == 4
     assert config.geometry.base_scale == (0.9, 1.0) and config.loss.use_global is False
     assert config.model == TINY.model
@@ -214,19 +202,19 @@ def test_config_file_names_its_preset_and_overrides_win(tmp_path: Path) -> None:
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"preset": "tiny", "train": {"lr": 2e-4, "seed": 3}}))
     args = parse(["train", "--config", str(path), "--train.seed=4", "--out", str(tmp_path)])
-    config = cmd_train.resolve_config(args)
+    config = cmd_train.resolve_args_config(args)
     assert (config.name, config.train.lr, config.train.seed) == ("tiny", 2e-4, 4)
 
 
 def test_bad_values_and_keys_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = parse(["train", "--out", str(tmp_path), "--data", str(tmp_path), "--loss.use_global=maybe"])
-    assert args.func(args) == 2
-    assert "--loss.use_global=maybe: expected true or false" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--data", str(tmp_path), "--loss.use_global=maybe"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ace train: --loss.use_global=maybe: expected true or false, got 'maybe'\n"
     with pytest.raises(SystemExit):
         parse(["train", "--out", str(tmp_path), "--train.no_such_key=1"])
 
 
 def test_resume_without_config_arguments_uses_the_run_config(tmp_path: Path) -> None:
-    (tmp_path / engine.CONFIG_FILE).write_text(json.dumps(TINY.override({"train.seed": 9}).to_dict()))
-    config = cmd_train.resolve_config(parse(["train", "--out", str(tmp_path), "--resume"]))
+    (tmp_path / run_config.CONFIG_FILE).write_text(json.dumps(TINY.override({"train.seed": 9}).to_dict()))
+    config = cmd_train.resolve_args_config(parse(["train", "--out", str(tmp_path), "--resume"]))
     assert config.name == "tiny" and config.train.seed == 9

@@ -1,4 +1,5 @@
-"""Geometry checked against PIXEL coordinates (spec 2.3-2.5, invariants 1-2 of section 8).
+"""Geometry checked against PIXEL coordinates (docs/model.md, "Geometry conventions"
+and its invariants).
 
 The base image stores every pixel's own (row, col) in its two channels. After cutting the views,
 the pixel rectangle a token covers is read back from the view pixels, never from the offset
@@ -161,7 +162,7 @@ def test_random_pairs_match_pixels(name: str) -> None:
 
 
 def test_checker_catches_the_reference_transposition() -> None:
-    """The reference code's transposed targets (spec 2.6) must fail the pixel check."""
+    """The reference code's transposed targets (docs/model.md, bug Q1) must fail the pixel check."""
     geo = GEOMETRIES["tiny"]
     n = geo.n
     pair = ViewPair(0, 2, 4, 0)  # dr = 4, dc = -2

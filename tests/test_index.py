@@ -3,6 +3,7 @@ search: recall of every approximate configuration, round trips, id decoding, ver
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from ace_model.index import (
     Segment,
     unit_rows,
 )
+from ace_model.index import build as index_build
+from ace_model.index import search as index_search
 from ace_model.preprocess import CoordinateMap
 
 DIM = 64
@@ -141,15 +144,13 @@ def test_ivfpq_candidates_by_l2_of_unit_vectors_beat_inner_product(tmp_path: Pat
     common = {**FAST_IVF, "pq_bytes": 8, "nprobe": 4, "rerank": 2}
     current = build(tmp_path / "l2", segments, "ivfpq", **common)
     assert current.manifest["index"]["metric"] == "l2"
-    new_index = ix._new_index
-
     def inner_product_ivfpq(kind: str, dim: int, num_patches: int, params: IndexParams) -> ix.faiss.Index:
-        factory = ix._factory_string(kind, dim, num_patches, params)
+        factory = index_build._factory_string(kind, dim, num_patches, params)
         return ix.faiss.index_factory(dim, factory, ix.faiss.METRIC_INNER_PRODUCT)
 
-    monkeypatch.setattr(ix, "_new_index", inner_product_ivfpq)
-    old = build(tmp_path / "ip", segments, "ivfpq", **common)
-    monkeypatch.setattr(ix, "_new_index", new_index)
+    with monkeypatch.context() as patched:
+        patched.setattr(index_build, "_new_index", inner_product_ivfpq)
+        old = build(tmp_path / "ip", segments, "ivfpq", **common)
     assert old.manifest["index"]["metric"] == "inner product"
     queries = queries_from(current, 64, seed=7, noise=0.002)  # as close as trained neighbours are
     assert recall_at_k(current, queries, 10) >= 0.85  # measured 0.94 (inner product: 0.56)
@@ -228,8 +229,8 @@ def test_restriction_and_exclusion(built: dict[str, PatchIndex], kind: str) -> N
 def test_large_restriction_goes_through_faiss_selector(built: dict[str, PatchIndex], kind: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     index = built[kind]
-    monkeypatch.setattr(ix, "EXACT_RESTRICT_MAX_PATCHES", 10)
-    monkeypatch.setattr(ix, "EXCLUDE_OVERFETCH_MAX", 10)
+    monkeypatch.setattr(index_search, "EXACT_RESTRICT_MAX_PATCHES", 10)
+    monkeypatch.setattr(index_search, "EXCLUDE_OVERFETCH_MAX", 10)
     allowed = [f"img{i}" for i in range(0, 300, 2)]
     query = index.grid("img8")[4, 4][None]
     hits = index.search(query, 10, image_ids=allowed, exclude_image_ids=["img8"])[0]
@@ -265,7 +266,7 @@ def test_failed_build_leaves_current_untouched(tmp_path: Path, corpus: list[Segm
     def explode(*args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ix, "_write_manifest", explode)
+    monkeypatch.setattr(index_build, "_write_manifest", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         ix.create_version(tmp_path, corpus, FINGERPRINT)
     assert ix.current_version(tmp_path) == first
@@ -382,3 +383,53 @@ def test_scores_are_cosines_whatever_the_stored_norms(tmp_path: Path, corpus: li
     assert scanned.score == pytest.approx(1.0, abs=1e-5)
     stored = unit_rows(np.stack([index.grid(h.image_id)[h.row, h.col] for h in through_faiss]))
     np.testing.assert_allclose([h.score for h in through_faiss], stored @ unit_rows(query)[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest reader and the package's names
+
+
+def test_manifest_reader_gives_the_published_or_a_named_version(tmp_path: Path,
+                                                                corpus: list[Segment]) -> None:
+    first = ix.create_version(tmp_path, corpus[:1], FINGERPRINT, IndexParams(kind="flat"),
+                              build_config={"encoder": "/enc", "device": "cpu", "precision": "fp32"})
+    with pytest.raises(IndexNotFoundError, match="no published index"):
+        ix.read_manifest(tmp_path)
+    ix.publish(tmp_path, first)
+    second = ix.extend_version(tmp_path, corpus[1:], encoder_fingerprint=FINGERPRINT)
+    published = ix.read_manifest(tmp_path)
+    assert isinstance(published, ix.Manifest) and published.version == first
+    assert (published.index_type, published.encoder_fingerprint) == ("flat", FINGERPRINT)
+    assert published.num_images == len(corpus[0].records) == PatchIndex.open(tmp_path).num_images
+    assert published.build == {"encoder": "/enc", "device": "cpu", "precision": "fp32"}
+    assert published.bytes_per_patch > 0 and published.raw["version"] == first
+    named = ix.read_manifest(tmp_path, second)
+    assert named.version == second and named.num_images == sum(len(s.records) for s in corpus)
+    assert named.next_image_index == corpus[1].first + len(corpus[1].records)
+    assert named.num_patches == PatchIndex.open(tmp_path, second).num_patches
+
+
+def test_manifest_reader_refuses_missing_and_foreign_versions(tmp_path: Path, corpus: list[Segment]) -> None:
+    with pytest.raises(IndexNotFoundError, match="no published index"):
+        ix.read_manifest(tmp_path / "nowhere")
+    version = ix.create_version(tmp_path, corpus[:1], FINGERPRINT, IndexParams(kind="flat"))
+    with pytest.raises(IndexNotFoundError, match=r"manifest\.json missing"):
+        ix.read_manifest(tmp_path, "20000101-000000-000000")
+    path = ix.version_dir(tmp_path, version) / ix.MANIFEST_FILE
+    path.write_text(path.read_text().replace('"format": 1', '"format": 99'))
+    with pytest.raises(ix.IndexFormatError, match="format 99"):
+        ix.read_manifest(tmp_path, version)
+
+
+def test_every_exported_name_resolves_and_type_checkers_see_the_same_names() -> None:
+    init = Path(ix.__file__)
+    tree = ast.parse(init.read_text())
+    checked = next(node for node in tree.body if isinstance(node, ast.If))  # `if TYPE_CHECKING:`
+    typed = {alias.asname or alias.name for node in checked.body
+             if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names}
+    eager = {"DEFAULT_KEEP", "INDEX_TYPES", "IndexParams", "resolve_kind"}
+    assert typed | eager == set(ix.__all__) and not typed & eager
+    for name in ix.__all__:
+        assert getattr(ix, name) is not None, name
+    with pytest.raises(AttributeError):
+        ix.no_such_name  # noqa: B018

@@ -1,4 +1,4 @@
-"""Losses against their formulas (spec 4.1-4.2) and the masked mean (invariant 4)."""
+"""Losses against their formulas (docs/model.md, "Losses") and the masked mean (its invariants)."""
 
 from __future__ import annotations
 

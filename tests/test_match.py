@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ace_model.match import MASKED, argmax_2d, locate, refine_peak, sample_grid
+from ace_model.match import MASKED, argmax_2d, refine_peak, sample_grid
 
 
 def random_grid(h: int, w: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -22,17 +22,6 @@ def bump(h: int, w: int, x0: float, y0: float, kind: str) -> torch.Tensor:
     if kind == "paraboloid":
         return (1.0 - 0.05 * dist2)[None]
     return torch.exp(-dist2 / (2 * 1.5**2))[None]
-
-
-def test_locate_finds_the_shifted_copy() -> None:
-    query = random_grid(8, 8)
-    target = torch.roll(query, shifts=(2, -1), dims=(0, 1))  # query (r, c) -> target (r+2, c-1)
-    points = np.array([[3.0, 1.0], [5.0, 4.0], [2.0, 0.0]])  # (x, y) grid coords
-    found = locate(query, points, target, refine="none")
-    expected = np.stack([(points[:, 0] - 1) % 8, (points[:, 1] + 2) % 8], axis=1)
-    np.testing.assert_allclose(found.xy, expected)
-    np.testing.assert_allclose(found.score, 1.0, atol=1e-5)
-    assert found.mutual.all()
 
 
 def test_sample_grid_at_patch_centres_returns_those_patches() -> None:
@@ -72,28 +61,6 @@ def test_unknown_refinement_is_rejected() -> None:
     sim = bump(4, 4, 1.0, 1.0, "paraboloid")
     with pytest.raises(ValueError, match="unknown refinement"):
         refine_peak(sim, *argmax_2d(sim), "cubic")  # type: ignore[arg-type]
-
-
-def test_mutual_flag_false_when_target_patch_prefers_another_query_patch() -> None:
-    query = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])  # (1, 2, 2): patches A, B
-    target = torch.tensor([[[0.8, 0.6], [-1.0, 0.0]]])  # T prefers B (0.96) over A (0.8)
-    found = locate(query, np.array([[0.0, 0.0], [1.0, 0.0]]), target, refine="none")
-    np.testing.assert_array_equal(found.patch, [[0, 0], [0, 0]])
-    np.testing.assert_array_equal(found.mutual, [False, True])
-
-
-def test_padding_is_never_matched() -> None:
-    query = random_grid(6, 6)
-    target = random_grid(6, 6, seed=1).clone()
-    target[0, 5] = query[3, 3]  # the perfect match sits on letterbox padding
-    target[3, 4] = F.normalize(query[3, 3] + 0.4 * target[3, 4], dim=0)  # a good valid match
-    valid = torch.ones(6, 6, dtype=torch.bool)
-    valid[:, 5] = False
-    found = locate(query, np.array([[3.0, 3.0]]), target, valid)
-    np.testing.assert_array_equal(found.patch, [[3, 4]])
-    assert found.xy[0, 0] <= 4.5
-    unmasked = locate(query, np.array([[3.0, 3.0]]), target)
-    np.testing.assert_array_equal(unmasked.patch, [[0, 5]])
 
 
 def test_refinement_ignores_masked_neighbours() -> None:
@@ -221,3 +188,17 @@ def test_an_image_thinner_than_a_cell_is_still_matched_on_its_content() -> None:
     thin = Levels(query.coarse, query.fine, 128, (0.0, 60.0, 128.0, 61.5))  # 1.5 px of content
     found = match_points(query, np.array([[40.0, 60.0]]), thin, second_look=(query, thin))
     assert 56.0 <= found.xy[0, 1] <= 66.0 and found.score[0] > MASKED
+
+
+def test_a_box_is_the_mean_of_the_cells_it_covers_or_the_cell_under_its_centre() -> None:
+    from ace_model.match import box_vectors
+    from ace_model.preprocess import CoordinateMap
+
+    grid = random_grid(4, 4)
+    coords = CoordinateMap.letterbox(64, 64, 64, 4)  # 16 px cells, centres at 8, 24, 40, 56
+    boxes = np.array([[0.0, 0.0, 30.0, 30.0],  # centres (8, 8), (24, 8), (8, 24), (24, 24)
+                      [40.0, 40.0, 44.0, 44.0]])  # no centre inside: the cell under (42, 42)
+    vectors = box_vectors(grid, boxes, coords)
+    expected = F.normalize(grid[:2, :2].reshape(-1, grid.shape[-1]).sum(0), dim=0)
+    torch.testing.assert_close(vectors[0], expected)
+    torch.testing.assert_close(vectors[1], grid[2, 2])

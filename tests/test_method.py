@@ -41,7 +41,7 @@ def test_student_and_teacher_start_identical(model: ACE) -> None:
 
 
 def test_update_teacher_pairs_parameters_by_name(model: ACE) -> None:
-    """Reorder the teacher's modules so zip-order pairing (spec Q11) would mix tensors up."""
+    """Reorder the teacher's modules so zip-order pairing (docs/model.md, bug Q11) would mix tensors up."""
     with torch.no_grad():
         for param in model.student.parameters():
             param.add_(torch.randn_like(param))

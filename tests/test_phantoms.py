@@ -14,25 +14,16 @@ from PIL import Image
 
 from training.cli import main as ace
 from training.landmarks import LandmarkFormatError, read_landmark_set
+from training.phantom_render import collimator_mask, render_phantom, warp
+from training.phantom_sampling import sample_acquisition, sample_anatomy, sample_pose, sample_view_extras
+from training.phantom_shapes import image_landmarks
+from training.phantom_types import LANDMARK_NAMES, Anatomy, Phantom, PhantomConfig, Pose
 from training.phantoms import (
-    LANDMARK_NAMES,
-    Anatomy,
-    Phantom,
-    PhantomConfig,
-    Pose,
-    collimator_mask,
     generate_phantom,
-    image_landmarks,
-    render_phantom,
-    sample_acquisition,
-    sample_anatomy,
-    sample_pose,
-    sample_view_extras,
     shifted,
     subject_geometry,
     subject_rng,
     template_matching_errors,
-    warp,
     write_phantom_set,
 )
 

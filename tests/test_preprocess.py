@@ -1,8 +1,10 @@
-"""Decoding (PNG, 16-bit PNG, JPEG, DICOM) and the pixel <-> model <-> grid coordinate mapping."""
+"""Decoding (PNG, 16-bit PNG, JPEG, DICOM), reduced decoding, peeking and the pixel <-> model <->
+grid coordinate mapping."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -22,9 +24,13 @@ from ace_model.preprocess import (
     decode_image,
     letterbox_tensor,
     load_image,
+    peek_image,
     prepare,
+    reduction_factor,
     thumbnail_jpeg,
+    to_pil,
 )
+from tests.decode_fuzz_corpus import FORMATS, dicom_image, pil_bytes, sample_image
 
 SIZES = st.sampled_from([(64, 4), (224, 14), (448, 14)])
 
@@ -287,3 +293,119 @@ def test_an_image_past_pillows_bomb_limit_is_too_large_not_corrupt() -> None:
     with pytest.raises(ImageDecodeError, match="too large") as caught:
         decode_image(buffer.getvalue(), max_pixels=10**9)
     assert caught.value.kind == "too_large"
+
+
+# --- reduced while decoding ------------------------------------------------------------------
+
+BLOB_SIZE = (1203, 905)  # not a multiple of any factor: the last block of each row is partial
+BLOB_CENTRE = np.array([703.3, 411.7])  # original pixels
+
+
+def blob_image(image_format: str) -> bytes:
+    """A bright Gaussian blob (sigma 9 px) on a dark background."""
+    width, height = BLOB_SIZE
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    grey = 0.05 + 0.9 * np.exp(-((x - BLOB_CENTRE[0]) ** 2 + (y - BLOB_CENTRE[1]) ** 2) / (2 * 9.0**2))
+    if image_format == "dicom":
+        return dicom_image((grey * 4000).astype(np.uint16))
+    if image_format == "tiff16":
+        return pil_bytes(Image.fromarray((grey * 60000).astype(np.uint16)), "TIFF")
+    grey8 = (grey * 255).astype(np.uint8)
+    if image_format == "jpeg":
+        return pil_bytes(Image.fromarray(np.stack([grey8] * 3, axis=2)), "JPEG", quality=95)
+    return pil_bytes(Image.fromarray(grey8), "PNG")
+
+
+def blob_centroid(image: DecodedImage) -> np.ndarray:
+    """The blob's intensity centroid in original pixels, measured on the pixels the image has."""
+    values = np.clip(image.pixels[:, :, 0].astype(np.float64) - 0.2, 0, None)
+    rows, cols = np.mgrid[0 : values.shape[0], 0 : values.shape[1]] + 0.5
+    centroid = np.array([(cols * values).sum(), (rows * values).sum()]) / values.sum()
+    return centroid / np.array(image.pixel_scale)
+
+
+def test_default_decode_is_not_reduced() -> None:
+    decoded = decode_image(png_bytes(np.zeros((300, 500), dtype=np.uint8)))
+    assert decoded.original_size is None and decoded.pixel_scale == (1.0, 1.0)
+    assert decode_image(png_bytes(np.zeros((300, 500), dtype=np.uint8)), max_side=500).original_size is None
+
+
+@pytest.mark.parametrize(("width", "height", "max_side", "factor"), [
+    (4000, 3000, 1000, 4), (3999, 3000, 1000, 3), (100, 50, 1000, 1), (2048, 10, 1024, 2),
+    (640, 480, None, 1),
+])
+def test_reduction_factor_keeps_the_longer_side_at_least_max_side(
+    width: int, height: int, max_side: int | None, factor: int
+) -> None:
+    assert reduction_factor(width, height, max_side) == factor
+    assert max_side is None or -(-max(width, height) // factor) >= min(max_side, max(width, height))
+
+
+@pytest.mark.parametrize("image_format", FORMATS)
+def test_reduced_decode_keeps_the_original_size_as_its_frame(image_format: str) -> None:
+    data = sample_image(image_format, 401, 300)
+    reduced = decode_image(data, max_side=64)  # factor 6 (JPEG: DCT scale 4, nothing left for reduce)
+    assert (reduced.width, reduced.height) == (401, 300) == (peek_image(data).width, peek_image(data).height)
+    factor = 4 if image_format.startswith("jpeg") else 6
+    assert reduced.pixels.shape[:2] == (-(-300 // factor), -(-401 // factor))
+    np.testing.assert_allclose(reduced.pixel_scale, (-(-401 // factor) / 401, -(-300 // factor) / 300))
+    assert reduced.pixels.dtype == np.float32 and reduced.pixels.min() >= 0 and reduced.pixels.max() <= 1
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg", "tiff16", "dicom"])
+@pytest.mark.parametrize("max_side", [300, 150, 64])
+def test_a_feature_is_found_where_the_full_decode_has_it(image_format: str, max_side: int) -> None:
+    """Tolerance: one reduced pixel (the factor, in original pixels). Block means keep a blob's
+    mass in place; the reduced grid (ceil(width / factor) pixels) is stretched onto the original
+    width, which moves a point by less than one reduced pixel."""
+    data = blob_image(image_format)
+    full, reduced = decode_image(data), decode_image(data, max_side=max_side)
+    factor = reduction_factor(*BLOB_SIZE, max_side)
+    np.testing.assert_allclose(blob_centroid(full), BLOB_CENTRE, atol=0.05)
+    np.testing.assert_allclose(blob_centroid(reduced), blob_centroid(full), atol=factor)
+    _, full_map = prepare(full, 224, 14)
+    _, reduced_map = prepare(reduced, 224, 14)
+    assert reduced_map == full_map  # the mapping is in original pixels: exactly the same
+
+
+@pytest.mark.parametrize("image_format", ["png8", "png16", "jpeg", "tiff_float", "dicom16", "dicom_rgb"])
+def test_the_letterboxed_tensor_of_a_reduced_decode_is_close_to_the_full_one(image_format: str) -> None:
+    data = sample_image(image_format, 1600, 1200)
+    full, reduced = decode_image(data), decode_image(data, max_side=448)  # factor 3
+    tensor_full, _ = prepare(full, 224, 14)
+    tensor_reduced, _ = prepare(reduced, 224, 14)
+    difference = (tensor_full - tensor_reduced).abs() * PIXEL_STD  # back to [0, 1] pixel units
+    assert float(difference.mean()) < 0.01 and float(difference.max()) < 0.2
+
+
+def test_to_pil_shows_the_pixels_it_has() -> None:
+    reduced = decode_image(png_bytes(np.zeros((300, 500), dtype=np.uint8)), max_side=100)
+    assert to_pil(reduced).size == (100, 60) and (reduced.width, reduced.height) == (500, 300)
+
+
+# --- peeking -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("image_format", "mode", "channels", "sample"), [
+    ("png8", "L", 1, 1), ("png_rgb", "RGB", 3, 1), ("png16", "I;16", 1, 2), ("jpeg", "RGB", 3, 1),
+    ("tiff_float", "F", 1, 4), ("bmp", "RGB", 3, 1), ("dicom16", "MONOCHROME1", 1, 2),
+    ("dicom_rgb", "RGB", 3, 1), ("dicom_jpeg", "MONOCHROME2", 1, 1),
+])
+def test_peek_reads_the_header(image_format: str, mode: str, channels: int, sample: int) -> None:
+    header = peek_image(sample_image(image_format, 90, 70))
+    assert (header.width, header.height, header.mode, header.channels, header.bytes_per_sample) == (
+        90, 70, mode, channels, sample)
+    assert header.format == image_format.split("_")[0].rstrip("0123456789")
+
+
+def test_peek_refuses_with_the_kinds_decode_uses(chest_cr_path: str) -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        peek_image(Path(chest_cr_path).read_bytes(), max_pixels=1000)
+    assert info.value.kind == "too_large"
+    with pytest.raises(ImageDecodeError) as info:
+        peek_image(Path(str(get_testdata_file("emri_small.dcm"))).read_bytes())
+    assert info.value.kind == "multiframe"
+    for data, kind in [(b"", "unsupported"), (b"GIF89a" + bytes(100), "unsupported"),
+                       (png_bytes(np.zeros((1, 40), dtype=np.uint8)), "corrupt")]:
+        with pytest.raises(ImageDecodeError) as info:
+            peek_image(data)
+        assert info.value.kind == kind

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,17 @@ import torch
 from tqdm import tqdm
 
 from ace_model import index as ix
+from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import ENCODER_STORE, Encoder, load_encoder, store_artifact
-from ace_model.preprocess import CoordinateMap, ImageDecodeError, load_image, prepare, thumbnail_jpeg
+from ace_model.errors import InputError, UserError
+from ace_model.preprocess import (
+    CoordinateMap,
+    ImageDecodeError,
+    decode_side,
+    load_image,
+    prepare,
+    thumbnail_jpeg,
+)
 from training.data import find_images, read_list_file
 
 DEFAULT_CHUNK = 256  # images per resumable chunk
@@ -104,7 +112,7 @@ def _read_metadata(path: Path) -> dict[str, dict[str, str]]:
     with path.open(newline="") as table:
         rows = list(csv.DictReader(table))
     if rows and not {"image", "image_id"} & set(rows[0]):
-        raise ValueError(f"{path} needs an `image` or `image_id` column (and `patient_id`)")
+        raise InputError(f"{path} needs an `image` or `image_id` column (and `patient_id`)")
     keyed: dict[str, dict[str, str]] = {}
     for row in rows:
         for key in (row.get("image_id"), row.get("image"), Path(row.get("image") or "").name):
@@ -126,11 +134,11 @@ def _check_unique(items: list[ImageSource]) -> None:
     seen: dict[str, Path] = {}
     for item in items:
         if item.image_id in seen:
-            raise ValueError(f"image id {item.image_id!r} names both {seen[item.image_id]} and {item.path}; "
+            raise InputError(f"image id {item.image_id!r} names both {seen[item.image_id]} and {item.path}; "
                              "give a metadata CSV with unique image_id values")
         seen[item.image_id] = item.path
     if not items:
-        raise ValueError("no images found in the given sources")
+        raise InputError("no images found in the given sources")
 
 
 # ----------------------------------------------------------------------------- decoding (threads)
@@ -148,7 +156,7 @@ class DecodedImages:
     def __getitem__(self, position: int) -> dict[str, Any]:
         item = self.items[position]
         try:
-            image = load_image(item.path)
+            image = load_image(item.path, max_side=decode_side(self.size))
         except (ImageDecodeError, OSError) as err:
             return {"position": position, "error": f"{item.path}: {err}"}
         tensor, coords = prepare(image, self.size, self.grid)
@@ -277,10 +285,15 @@ def _record(row: dict[str, Any]) -> ix.ImageRecord:
 class EmbedOptions:
     batch_size: int = 16  # images per forward pass
     num_workers: int | None = None  # decoding threads beside inference (0 = inline, None = by core count)
-    bf16: bool = False  # bfloat16 autocast (1.6-1.9x on CPUs with AVX512_BF16 for larger backbones)
+    device: str = "auto"  # auto | cpu | cuda (ace_model.embedding: the service's policy)
     num_shards: int = 1  # chunks are split round-robin between shards
     shard: int = 0  # this process's shard
     show_progress: bool = True
+    fp32: bool = False  # keep float32 on CUDA (default: bf16/fp16 autocast there, as the service)
+    local_rank: int | None = None  # torchrun's LOCAL_RANK: the GPU of this process
+
+    def policy(self) -> EmbeddingPolicy:
+        return EmbeddingPolicy.resolve(self.device, autocast=not self.fp32, local_rank=self.local_rank)
 
 
 def default_decode_threads() -> int:
@@ -299,8 +312,9 @@ def pending_chunks(plan: EmbedPlan, options: EmbedOptions) -> list[int]:
     return [c for c in range(plan.num_chunks) if c % options.num_shards == options.shard and not plan.done(c)]
 
 
-def embed_chunks(plan: EmbedPlan, encoder: Encoder, options: EmbedOptions) -> int:
-    """Embed every pending chunk of this shard; returns the number of images embedded."""
+def embed_chunks(plan: EmbedPlan, encoder: Encoder, policy: EmbeddingPolicy, options: EmbedOptions) -> int:
+    """Embed every pending chunk of this shard (encoder placed by `policy`); returns the number of
+    images embedded."""
     chunks = pending_chunks(plan, options)
     positions = [p for c in chunks for p in plan.chunk_items(c)]
     if not positions:
@@ -310,15 +324,15 @@ def embed_chunks(plan: EmbedPlan, encoder: Encoder, options: EmbedOptions) -> in
     with tqdm(total=len(positions), desc="embedding", unit="img", disable=not options.show_progress) as bar:
         threads = default_decode_threads() if options.num_workers is None else options.num_workers
         for batch in decoded_batches(dataset, positions, options.batch_size, threads):
-            _embed_batch(batch, encoder, options, plan, writers)
+            _embed_batch(batch, encoder, policy, plan, writers)
             bar.update(len(batch))
     return len(positions)
 
 
-def _embed_batch(batch: list[dict[str, Any]], encoder: Encoder, options: EmbedOptions, plan: EmbedPlan,
+def _embed_batch(batch: list[dict[str, Any]], encoder: Encoder, policy: EmbeddingPolicy, plan: EmbedPlan,
                  writers: dict[int, ChunkWriter]) -> None:
     good = [s for s in batch if s["error"] is None]
-    grids = _forward(encoder, torch.stack([s["tensor"] for s in good]), options.bf16) if good else None
+    grids = _embed_grids(encoder, policy, [s["tensor"] for s in good]) if good else None
     row = 0
     for sample in batch:
         patches = None
@@ -329,11 +343,9 @@ def _embed_batch(batch: list[dict[str, Any]], encoder: Encoder, options: EmbedOp
             writers.pop(chunk).write()
 
 
-def _forward(encoder: Encoder, images: torch.Tensor, bf16: bool) -> np.ndarray:
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    with torch.inference_mode(), autocast:
-        patches = encoder(images).patches  # (B, h, w, D) unit norm
-    return patches.float().numpy().astype(np.float16)
+def _embed_grids(encoder: Encoder, policy: EmbeddingPolicy, tensors: list[torch.Tensor]) -> np.ndarray:
+    """(B, h, w, D) float16 coarse grids: what the grid store holds."""
+    return policy.forward(encoder, torch.stack(tensors)).patches.numpy().astype(np.float16)
 
 
 # ----------------------------------------------------------------------------- versions
@@ -342,7 +354,7 @@ def _forward(encoder: Encoder, images: torch.Tensor, bf16: bool) -> np.ndarray:
 def _segments(plan: EmbedPlan) -> tuple[list[ix.Segment], list[str]]:
     missing = [c for c in range(plan.num_chunks) if not plan.done(c)]
     if missing:
-        raise RuntimeError(f"{len(missing)} of {plan.num_chunks} chunks are not embedded yet (e.g. chunk "
+        raise UserError(f"{len(missing)} of {plan.num_chunks} chunks are not embedded yet (e.g. chunk "
                            f"{missing[0]}); run the remaining shards, then merge again")
     segments, failed = [], []
     for chunk in range(plan.num_chunks):
@@ -357,9 +369,9 @@ def _summary(root: Path, version: str | None, plan: EmbedPlan, failed: list[str]
              ) -> BuildSummary:
     if version is None:
         return BuildSummary(None, len(plan.items), len(failed), 0, 0.0, time.perf_counter() - start)
-    manifest = json.loads((ix.version_dir(root, version) / ix.MANIFEST_FILE).read_text())
-    return BuildSummary(version, manifest["num_images"], len(failed), manifest["num_patches"],
-                        manifest["index"]["bytes_per_patch"], time.perf_counter() - start)
+    manifest = ix.read_manifest(root, version)
+    return BuildSummary(version, manifest.num_images, len(failed), manifest.num_patches,
+                        manifest.bytes_per_patch, time.perf_counter() - start)
 
 
 def build_index(encoder_dir: str | Path, source: str | Path | Sequence[str | Path], root: str | Path,
@@ -380,16 +392,17 @@ def run_build(encoder_dir: str | Path, source: str | Path | Sequence[str | Path]
               ) -> BuildSummary:
     """Embed this shard's chunks; when every chunk is done (or merge_only), write the version."""
     start, root, options = time.perf_counter(), Path(root), options or EmbedOptions()
-    encoder = _load_and_store(encoder_dir, root)
+    policy = options.policy()
+    encoder = policy.place(_load_and_store(encoder_dir, root))
     plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint, 0, chunk_size)
     timings: dict[str, float] = {}
     if not merge_only:
-        embed_chunks(plan, encoder, options)
+        embed_chunks(plan, encoder, policy, options)
         timings["embed_s"] = time.perf_counter() - start
         if options.num_shards > 1:
             return _summary(root, None, plan, [], start)
     segments, failed = _segments(plan)
-    config = _build_config(encoder_dir, source, metadata, options, chunk_size, failed)
+    config = _build_config(encoder_dir, source, metadata, options, policy, chunk_size, failed)
     version = ix.create_version(root, segments, encoder.fingerprint, params, config, timings)
     _finish(root, version, plan, publish, keep)
     return _summary(root, version, plan, failed, start)
@@ -403,11 +416,11 @@ def _load_and_store(encoder_dir: str | Path, root: Path) -> Encoder:
 
 
 def _build_config(encoder_dir: str | Path, source: Any, metadata: Any, options: EmbedOptions,
-                  chunk_size: int, failed: list[str]) -> dict[str, Any]:
+                  policy: EmbeddingPolicy, chunk_size: int, failed: list[str]) -> dict[str, Any]:
     sources = [str(s) for s in _as_list(source)]
     return {"encoder": str(Path(encoder_dir).resolve()), "sources": sources,
             "metadata": str(metadata) if metadata else None, "chunk_size": chunk_size,
-            "batch_size": options.batch_size, "bf16": options.bf16, "failed": failed[:100],
+            "batch_size": options.batch_size, **policy.describe(), "failed": failed[:100],
             "num_failed": len(failed)}
 
 
@@ -423,17 +436,14 @@ def run_add(source: str | Path | Sequence[str | Path], root: str | Path,
             keep: int = ix.DEFAULT_KEEP) -> BuildSummary:
     """A new version = the current one + the images of `source`."""
     start, root, options = time.perf_counter(), Path(root), options or EmbedOptions()
-    base = ix.current_version(root)
-    if base is None:
-        raise ix.IndexNotFoundError(f"no published index under {root} to add to; build one first")
-    manifest = json.loads((ix.version_dir(root, base) / ix.MANIFEST_FILE).read_text())
-    encoder_path = encoder_dir or manifest["build"]["encoder"]
-    encoder = _load_and_store(encoder_path, root)
-    plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint,
-                     manifest["next_image_index"])
-    embed_chunks(plan, encoder, options)
+    policy = options.policy()
+    manifest = ix.read_manifest(root)  # the published version; IndexNotFoundError says how to build one
+    encoder_path = encoder_dir or manifest.build["encoder"]
+    encoder = policy.place(_load_and_store(encoder_path, root))
+    plan = make_plan(root, collect_sources(source, metadata), encoder.fingerprint, manifest.next_image_index)
+    embed_chunks(plan, encoder, policy, options)
     segments, failed = _segments(plan)
-    config = _build_config(encoder_path, source, metadata, options, plan.chunk_size, failed)
-    version = ix.extend_version(root, segments, base, encoder.fingerprint, config)
+    config = _build_config(encoder_path, source, metadata, options, policy, plan.chunk_size, failed)
+    version = ix.extend_version(root, segments, manifest.version, encoder.fingerprint, config)
     _finish(root, version, plan, publish, keep)
     return _summary(root, version, plan, failed, start)

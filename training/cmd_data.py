@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-import pydicom
-from PIL import Image
-from pydicom.data import get_testdata_file
-from skimage import data as skimage_data
-
 from training.landmarks import write_metadata_csv
-from training.phantoms import DIFFICULTIES, PhantomConfig, write_phantom_set
+from training.phantom_types import DIFFICULTIES, PhantomConfig
 
 DEMO_PHANTOMS = 24
 SAMPLE_DICOM = "RG1_UNCR.dcm"  # a chest CR radiograph in pydicom-data
@@ -67,23 +61,17 @@ def _register_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def run_phantoms(args: argparse.Namespace) -> int:
-    try:
-        config = PhantomConfig(size=args.size, bit_depth=args.bit_depth, difficulty=args.difficulty)
-        out = write_phantom_set(args.out, args.n, args.seed, config, args.start_id, args.views, args.force,
-                                args.workers)
-    except (ValueError, FileExistsError) as err:
-        print(f"ace data phantoms: {err}", file=sys.stderr)
-        return 2
+    from training.phantoms import write_phantom_set
+
+    config = PhantomConfig(size=args.size, bit_depth=args.bit_depth, difficulty=args.difficulty)
+    out = write_phantom_set(args.out, args.n, args.seed, config, args.start_id, args.views, args.force,
+                            args.workers)
     print(f"wrote {args.n * args.views} phantom(s) to {out}")
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    try:
-        paths = build_demo_data(args.out, args.n, args.seed, args.size)
-    except (ValueError, FileExistsError, OSError) as err:
-        print(f"ace data demo: {err}", file=sys.stderr)
-        return 2
+    paths = build_demo_data(args.out, args.n, args.seed, args.size)
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     return 0
 
@@ -91,6 +79,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def build_demo_data(out_dir: str | Path, n_phantoms: int = DEMO_PHANTOMS, seed: int = 0,
                     size: int = 512) -> dict[str, Path]:
     """Fill out_dir/phantoms and out_dir/samples with whatever is missing; returns both paths."""
+    from training.phantoms import write_phantom_set
+
     out = Path(out_dir)
     phantoms, samples = out / "phantoms", out / "samples"
     if not (phantoms / "landmarks.csv").is_file():
@@ -102,6 +92,10 @@ def build_demo_data(out_dir: str | Path, n_phantoms: int = DEMO_PHANTOMS, seed: 
 
 def write_samples(out: Path) -> Path:
     """Copy the real images that installed packages ship: a chest CR DICOM and a fundus photo."""
+    import pydicom
+    from PIL import Image
+    from skimage import data as skimage_data
+
     out.mkdir(parents=True, exist_ok=True)
     dicom = _sample_dicom_path()
     shutil.copyfile(dicom, out / SAMPLE_DICOM)
@@ -115,6 +109,8 @@ def write_samples(out: Path) -> Path:
 
 
 def _sample_dicom_path() -> Path:
+    from pydicom.data import get_testdata_file
+
     path = get_testdata_file(SAMPLE_DICOM)
     if path is None:
         raise FileNotFoundError(f"{SAMPLE_DICOM} not found: install the pydicom-data package "

@@ -9,11 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from ace_model.encoder import ArtifactError
-from training.dense_train import DenseTrainConfig, export_dense, train_dense
-from training.dense_views import WarpConfig
+from ace_model.errors import InputError
+from training.dense_config import DenseTrainConfig, WarpConfig
 
 TERMS = ("fine", "coarse", "xsubj", "global")
 
@@ -51,29 +48,29 @@ def config_from_args(args: argparse.Namespace) -> DenseTrainConfig:
         if value is not None:
             weights[term] = value
     if args.steps < 1 or args.pairs < 2:
-        raise ValueError("--steps must be >= 1 and --pairs >= 2 (other images give the negatives)")
+        raise InputError("--steps must be >= 1 and --pairs >= 2 (other images give the negatives)")
     return replace(base, steps=args.steps, pairs=args.pairs, lr=args.lr, seed=args.seed, weights=weights)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-        if args.img_size % 32:
-            raise ValueError(f"--img-size must be a multiple of 32, got {args.img_size}")
-        missing = [str(d) for d in args.data if not d.is_dir()]
-        if missing:
-            raise FileNotFoundError(f"no such data folder: {', '.join(missing)}")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        state = train_dense(args.data, args.out, cfg, WarpConfig(view_px=args.img_size),
-                            resume=not args.fresh, progress=not args.no_progress)
-        if args.export:
-            provenance = {"method": "train-dense", "step": state.step, "data": [str(d) for d in args.data],
-                          "command": "ace " + shlex.join(sys.argv[1:]), "run": str(args.out)}
-            encoder = export_dense(state, args.export, args.img_size, provenance)
-            print(f"encoder artifact {args.export} (fingerprint {encoder.fingerprint})")
-        print(json.dumps(json.loads((args.out / "train-dense.json").read_text())["loss_last_100"]))
-    except (ValueError, FileNotFoundError, ArtifactError) as err:
-        print(f"ace train-dense: error: {err}", file=sys.stderr)
-        return 2
+    import torch
+
+    from training.dense_train import export_dense, train_dense
+
+    cfg = config_from_args(args)
+    if args.img_size % 32:
+        raise InputError(f"--img-size must be a multiple of 32, got {args.img_size}")
+    missing = [str(d) for d in args.data if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no such data folder: {', '.join(missing)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = train_dense(args.data, args.out, cfg, WarpConfig(view_px=args.img_size),
+                        resume=not args.fresh, progress=not args.no_progress)
+    if args.export:
+        provenance = {"method": "train-dense", "step": state.step, "data": [str(d) for d in args.data],
+                      "command": "ace " + shlex.join(sys.argv[1:]), "run": str(args.out)}
+        encoder = export_dense(state, args.export, args.img_size, provenance)
+        print(f"encoder artifact {args.export} (fingerprint {encoder.fingerprint})")
+    print(json.dumps(json.loads((args.out / "train-dense.json").read_text())["loss_last_100"]))
     return 0

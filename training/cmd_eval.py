@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ace_model.encoder import ArtifactError, Encoder, load_encoder
+from ace_model.errors import InputError
+from training.cmd_options import add_device_arguments
 
 if TYPE_CHECKING:
+    from ace_model.encoder import Encoder
     from training.evaluate import EvalOptions
 
 
@@ -54,12 +56,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--max-pairs", type=int, help="random subset of (query, target) pairs")
     parser.add_argument("--crop-group", type=int, default=16, help="N of crop retrieval (chance 1/N)")
     parser.add_argument("--batch-size", type=int, default=8)
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.set_defaults(func=run)
 
 
 def load_encoders(args: argparse.Namespace) -> list[tuple[str, Encoder]]:
+    from ace_model.encoder import load_encoder
+
     encoders = [(args.name, load_encoder(args.encoder))]
     if args.encoder_b is not None:
         encoders.append((args.name_b, load_encoder(args.encoder_b)))
@@ -77,7 +82,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         ncc=args.ncc, identity_baseline=args.identity_baseline, real=args.real,
         max_images=args.max_images, max_pairs=args.max_pairs,
         crop_group=args.crop_group, ncc_template=args.ncc_template,
-        real_transforms=args.real_transforms, seed=args.seed, batch_size=args.batch_size)
+        real_transforms=args.real_transforms, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, fp32=args.fp32)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -93,24 +99,12 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # imported here so `ace --help` stays fast
     from training.eval_report import write_report
     from training.evaluate import run_evaluation
 
     if args.name == args.name_b and args.encoder_b is not None:
-        print("error: --name and --name-b must differ", file=sys.stderr)
-        return 2
-    try:
-        encoders = load_encoders(args)
-    except ArtifactError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    options = options_from_args(args)
-    try:
-        result = run_evaluation(options, encoders)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError("--name and --name-b must differ")
+    result = run_evaluation(options_from_args(args), load_encoders(args))
     command = "ace " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("ace") else command_line(args)
     report = write_report(result, args.out, command)
     print(f"report written to {report}")

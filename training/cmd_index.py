@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import os
-import sys
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ace_model import index as ix
+from ace_model.errors import InputError
+from training.cmd_options import add_device_arguments
+
+if TYPE_CHECKING:
+    from training.build_index import EmbedOptions
 
 
 def register(subparsers: Any) -> None:
@@ -33,21 +34,6 @@ def register(subparsers: Any) -> None:
     listing.set_defaults(func=_list)
 
 
-def _user_errors(func: Callable[..., int]) -> Callable[..., int]:
-    """Errors a user can cause print one line instead of a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> int:
-        try:
-            return func(*args, **kwargs)
-        except (ix.IndexNotFoundError, ix.EncoderMismatchError, FileNotFoundError, ValueError, KeyError,
-                RuntimeError) as err:
-            print(f"ace index: {err}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
 def _root(parser: argparse.ArgumentParser, *flags: str) -> None:
     parser.add_argument(*flags, dest="root", required=True, help="index root directory")
 
@@ -60,7 +46,7 @@ def _embedding_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding threads (0 = inline; default: the cores the encoder leaves free, "
                              "inline on <= 4 cores)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the encoder")
+    add_device_arguments(parser)
     parser.add_argument("--publish", action="store_true", help="publish the new version when done")
     parser.add_argument("--keep", type=int, default=ix.DEFAULT_KEEP, help="versions kept on disk")
 
@@ -122,18 +108,19 @@ def _params(args: argparse.Namespace) -> ix.IndexParams:
                           pq_bytes=args.pq_bytes, opq=args.opq, nprobe=args.nprobe, rerank=args.rerank)
 
 
-def _options(args: argparse.Namespace, merge_only: bool = False) -> Any:
+def _options(args: argparse.Namespace, merge_only: bool = False) -> EmbedOptions:
     from training.build_index import EmbedOptions
 
     shards = getattr(args, "num_shards", None) or int(os.environ.get("WORLD_SIZE", "1"))
     shard = getattr(args, "shard", None)
     shard = int(os.environ.get("RANK", "0")) if shard is None else shard
     if not 0 <= shard < shards:
-        raise SystemExit(f"--shard {shard} is outside 0..{shards - 1}")
-    return EmbedOptions(args.batch_size, args.workers, args.bf16, 1 if merge_only else shards, shard)
+        raise InputError(f"--shard {shard} is outside 0..{shards - 1}")
+    return EmbedOptions(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                        num_shards=1 if merge_only else shards, shard=shard, fp32=args.fp32,
+                        local_rank=int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None)
 
 
-@_user_errors
 def _build(args: argparse.Namespace, merge_only: bool = False) -> int:
     from training.build_index import run_build
 
@@ -144,7 +131,6 @@ def _build(args: argparse.Namespace, merge_only: bool = False) -> int:
     return 0
 
 
-@_user_errors
 def _add(args: argparse.Namespace) -> int:
     from training.build_index import run_add
 
@@ -154,7 +140,6 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _remove(args: argparse.Namespace) -> int:
     version = ix.remove_images(args.root, args.image_ids)
     if args.publish:
@@ -163,25 +148,22 @@ def _remove(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _publish(args: argparse.Namespace) -> int:
     ix.publish(args.root, args.version, args.keep)
     print(f"published {args.version}")
     return 0
 
 
-@_user_errors
 def _rollback(args: argparse.Namespace) -> int:
     print(f"published {ix.rollback(args.root)}")
     return 0
 
 
-@_user_errors
 def _list(args: argparse.Namespace) -> int:
     current = ix.current_version(args.root)
     for version in ix.list_versions(args.root):
-        manifest = json.loads((ix.version_dir(args.root, version) / ix.MANIFEST_FILE).read_text())
+        manifest = ix.read_manifest(args.root, version)
         mark = "*" if version == current else " "
-        print(f"{mark} {version}  {manifest['index']['type']:5s}  {manifest['num_images']:8d} images  "
-              f"{manifest['num_patches']:10d} patches  encoder {manifest['encoder_fingerprint']}")
+        print(f"{mark} {version}  {manifest.index_type:5s}  {manifest.num_images:8d} images  "
+              f"{manifest.num_patches:10d} patches  encoder {manifest.encoder_fingerprint}")
     return 0

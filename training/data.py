@@ -1,4 +1,4 @@
-"""Training data: image sources and the ACE sample pipeline (spec section 2.1).
+"""Training data: image sources and the ACE sample pipeline (docs/training.md, "Data sources").
 
 Sources: a folder (recursive), a list file of relative paths with a root (ChestX-ray14 split
 lists), or a landmark data set directory such as the phantoms (`DIR/images/`).
@@ -27,6 +27,7 @@ from skimage import exposure
 from torch.utils.data import Dataset, DistributedSampler
 
 from ace_model.config import PIXEL_MEAN, PIXEL_STD, GeometryConfig
+from ace_model.errors import InputError
 from ace_model.geometry import (
     ViewPair,
     composition_target,
@@ -36,7 +37,7 @@ from ace_model.geometry import (
     sample_pair,
 )
 from ace_model.method import ACEBatch
-from ace_model.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_image
+from ace_model.preprocess import IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, load_image
 
 RATIO_RANGE = (3 / 4, 4 / 3)  # aspect-ratio jitter of the base random-resized-crop (torchvision default)
 MAX_DECODE_RETRIES = 10  # consecutive unreadable images tolerated before giving up
@@ -75,7 +76,7 @@ def read_list_file(list_file: str | Path, root: str | Path) -> list[Path]:
     root = Path(root)
     entries = [e for e in map(_list_entry, Path(list_file).read_text().splitlines()) if e]
     if not entries:
-        raise ValueError(f"list file {list_file} names no image files")
+        raise InputError(f"list file {list_file} names no image files")
     paths = [root / e for e in entries]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
@@ -102,14 +103,22 @@ def resolve_images(
     if list_file is not None:
         base = root if root is not None else source
         if base is None:
-            raise ValueError("a list file needs --root (the folder its paths are relative to)")
+            raise InputError("a list file needs --root (the folder its paths are relative to)")
         return read_list_file(list_file, base)
     if source is None:
-        raise ValueError("no training data: give a folder (--data) or a list file (--list, --root)")
+        raise InputError("no training data: give a folder (--data) or a list file (--list, --root)")
     folder = Path(source)
     if (folder / "images").is_dir() and (folder / "landmarks.csv").is_file():
         return find_images(folder / "images")  # a landmark data set: skip plots and extras
     return find_images(folder)
+
+
+def read_image(path: Path) -> DecodedImage:
+    """load_image for a file the user named: an undecodable file is a user error naming it."""
+    try:
+        return load_image(path)
+    except ImageDecodeError as err:
+        raise InputError(f"{path}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def resize_box(grey: np.ndarray, box: tuple[float, float, float, float], side: i
 
 @dataclass(frozen=True)
 class Photometric:
-    """Per-view photometric augmentation (spec 2.1 step 4, albumentations-like defaults)."""
+    """Per-view photometric augmentation (docs/training.md, "Data sources"; albumentations-like defaults)."""
 
     p_brightness_contrast: float = 0.5  # probability of a brightness/contrast change
     brightness: float = 0.2  # additive shift drawn from +-brightness
@@ -243,7 +252,7 @@ class ACEDataset(Dataset[ACESample]):
         augment: Photometric | None = None, cache_mb: float = 1024.0,
     ) -> None:
         if not paths:
-            raise ValueError("the training data set is empty")
+            raise InputError("the training data set is empty")
         self.paths = list(paths)
         self.geometry = geometry
         self.seed = seed

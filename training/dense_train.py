@@ -29,31 +29,13 @@ from tqdm import tqdm
 from ace_model.dense import COARSE_STRIDE, DENSE_BACKBONE, FINE_STRIDE, DensePyramid, PyramidConfig
 from ace_model.dense_losses import Term, gather_rows, ignore_zone, info_nce, nearest
 from ace_model.encoder import Encoder, EncoderSpec
-from ace_model.preprocess import load_image
-from training.dense_views import Views, WarpConfig, cell_centres, make_view_pair
+from ace_model.errors import InputError
+from training.data import find_images, read_image
+from training.dense_config import DenseTrainConfig, WarpConfig
+from training.dense_views import Views, cell_centres, make_view_pair
 from training.landmarks import read_landmark_set
 
 CHECKPOINT = "dense-checkpoint.pt"
-
-
-@dataclass(frozen=True)
-class DenseTrainConfig:
-    steps: int = 3000  # optimiser steps
-    pairs: int = 6  # source images (distinct subjects) per step, two views each
-    lr: float = 2e-3  # peak AdamW learning rate (cosine to lr/50 after warm-up)
-    warmup: int = 100  # linear warm-up steps
-    weight_decay: float = 1e-4
-    tau: float = 0.1  # InfoNCE temperature, every term
-    fine_queries: int = 256  # fine query cells per pair
-    fine_ignore: float = 2.0  # fine ignore radius, in fine cells
-    coarse_ignore: float = 1.0  # coarse ignore radius, in coarse cells
-    other_ignore: float = 0.15  # other images' cells this close (fraction of the side) to the query's
-    # position are not negatives: roughly aligned subjects share anatomy there
-    weights: dict[str, float] = field(default_factory=lambda: {
-        "fine": 1.0, "coarse": 1.0, "xsubj": 0.5, "global": 0.1})  # 0 switches a term off
-    seed: int = 0
-    source_px: int = 512  # sources are resized to this side (longer side) when loaded
-    checkpoint_every: int = 250
 
 
 @dataclass
@@ -73,7 +55,7 @@ def load_sources(folders: list[Path], side: int) -> Sources:
             points.append([[v * scale for v in item[1].get(n, (math.nan, math.nan))] for n in names])
             subjects.append(item[2])
     if not images:
-        raise ValueError(f"no images found in {[str(f) for f in folders]}")
+        raise InputError(f"no images found in {[str(f) for f in folders]}")
     marks = torch.tensor(points, dtype=torch.float32).view(len(images), len(names), 2)
     return Sources(torch.stack(images), marks, subjects)
 
@@ -90,14 +72,12 @@ def _landmark_names(folders: list[Path]) -> list[str]:
 def _items(folder: Path) -> list[tuple[Path, dict[str, tuple[float, float]], str]]:
     if (folder / "landmarks.csv").is_file() or (folder / "landmarks.json").is_file():
         return [(i.path, i.points, i.patient_id or i.image_id) for i in read_landmark_set(folder)]
-    from training.data import find_images
-
     return [(path, {}, str(path)) for path in find_images(folder)]
 
 
 def _grey_square(path: Path, side: int) -> tuple[torch.Tensor, float]:
     """Load, take the grey level, pad to a square at the top-left, resize to `side` -> (1, side, side)."""
-    pixels = load_image(path).pixels[:, :, 0]
+    pixels = read_image(path).pixels[:, :, 0]
     h, w = pixels.shape
     canvas = np.zeros((max(h, w), max(h, w)), np.float32)
     canvas[:h, :w] = pixels

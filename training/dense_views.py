@@ -17,20 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
-
-
-@dataclass(frozen=True)
-class WarpConfig:
-    view_px: int = 224  # view side in pixels (the encoder's img_size)
-    crop: tuple[float, float] = (0.3, 1.1)  # view side as a fraction of the source side (small
-    # crops teach the scales of the 2x and 4x second looks)
-    centre_jitter: float = 0.12  # view centre offset from the source centre, fraction of the side
-    rotation_deg: float = 12.0  # rotation of each view, +-
-    pair_scale: tuple[float, float] = (0.8, 1.25)  # second view's extra zoom
-    pair_shift: float = 0.1  # second view's extra shift, fraction of the view
-    pair_rotation_deg: float = 12.0  # second view's extra rotation, +-
-    elastic: float = 0.015  # elastic displacement amplitude, fraction of the source side
-    elastic_knots: int = 5  # control points per side of the smooth displacement field
+from training.dense_config import WarpConfig
 
 
 @dataclass

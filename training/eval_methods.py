@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from scipy.ndimage import uniform_filter
 from skimage.feature import match_template
-from tqdm import tqdm
 
-from ace_model.encoder import Embeddings, Encoder, EncoderSpec
+from ace_model.embedding import EmbeddingPolicy
+from ace_model.encoder import Encoder, EncoderSpec
 from ace_model.match import Found, Levels, MatchOptions, argmax_2d, look_scales, match_points, refine_peak
 from ace_model.preprocess import CoordinateMap, DecodedImage, is_grey, letterbox_tensor, prepare
 
@@ -34,20 +34,6 @@ class Method(Protocol):
         ...
 
 
-def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor], batch_size: int = 8,
-                  desc: str = "embed") -> Embeddings:
-    """One forward pass per image, batched: (3, S, S) tensors -> Embeddings of all of them."""
-    patches, globals_, fines = [], [], []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(tensors), batch_size), desc=desc, leave=False, unit="batch"):
-            out = encoder(torch.stack(list(tensors[start : start + batch_size])))
-            patches.append(out.patches)
-            globals_.append(out.global_)
-            fines.append(out.fine)
-    fine = None if any(f is None for f in fines) else torch.cat(fines)
-    return Embeddings(torch.cat(patches), torch.cat(globals_), fine)
-
-
 @dataclass(frozen=True)
 class Embedded:
     """Images embedded at one input size: per image its Levels and letterbox transform."""
@@ -59,14 +45,13 @@ class Embedded:
 
 
 def embed_levels(encoder: Encoder, images: Sequence[DecodedImage], size: int, batch_size: int,
-                 desc: str) -> Embedded:
+                 desc: str, policy: EmbeddingPolicy) -> Embedded:
     """Letterbox every image at `size` px (a multiple of the base size) and embed it once."""
     grid = encoder.grid * size // encoder.spec.img_size
-    with torch.inference_mode():  # warm-up, untimed: a serving encoder is warm
-        encoder(prepare(images[0], size, grid)[0][None])
+    policy.forward(encoder, prepare(images[0], size, grid)[0][None])  # warm-up, untimed, as a served encoder
     start = perf_counter()
     prepared = [prepare(image, size, grid) for image in images]
-    out = embed_tensors(encoder, [tensor for tensor, _ in prepared], batch_size, desc)
+    out = policy.embed(encoder, [tensor for tensor, _ in prepared], batch_size, desc)
     seconds = perf_counter() - start
     levels = [Levels.of(out.patches[i], None if out.fine is None else out.fine[i], coords)
               for i, (_, coords) in enumerate(prepared)]
@@ -90,6 +75,7 @@ class EncoderMethod:
     second_look: bool = False
     ablation: bool = False  # a variant of another method's encoder: left out of the retrieval protocols
     cache: dict[int, Embedded] = field(default_factory=dict, repr=False)  # input size -> embedded
+    policy: EmbeddingPolicy = field(default_factory=lambda: EmbeddingPolicy.resolve("cpu"))
     fit_seconds: float = field(init=False, default=0.0)
     base: Embedded = field(init=False, repr=False)
     looks: dict[int, Embedded] = field(init=False, default_factory=dict, repr=False)  # scale -> embedded
@@ -97,6 +83,7 @@ class EncoderMethod:
     def __post_init__(self) -> None:
         if self.second_look and not self.encoder.spec.is_dense:
             raise ValueError(f"{self.name}: the second look needs a fully convolutional (dense) encoder")
+        self.encoder = self.policy.place(self.encoder)
 
     def fit(self, images: Sequence[DecodedImage]) -> None:
         size = self.encoder.spec.img_size
@@ -116,7 +103,7 @@ class EncoderMethod:
                 a is b for a, b in zip(cached.images, images, strict=True)):
             return cached
         self.cache[size] = embedded = embed_levels(self.encoder, images, size, self.batch_size,
-                                                   f"embed {self.name} @{size}")
+                                                   f"embed {self.name} @{size}", self.policy)
         return embedded
 
     @property

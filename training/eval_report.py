@@ -197,7 +197,7 @@ def timing_section(timing: dict[str, Any]) -> list[str]:
 def crop_section(crop: dict[str, Any]) -> list[str]:
     rows = [[name, f"{100 * r['top1']:.1f}", f"{100 * r['chance']:.1f}", int(r["groups"]),
              int(r["group_size"])] for name, r in crop.items()]
-    return ["## Crop retrieval (spec 6.1)", "",
+    return ["## Crop retrieval (the ACE paper's protocol)", "",
             "Find each image among its group from a random crop (side 30-80 % of the image side, "
             "resized to the input size), global embeddings, cosine top-1.", "",
             *table(("method", "top-1 (%)", "chance (%)", "groups", "group size"), rows), ""]

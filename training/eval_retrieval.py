@@ -1,6 +1,7 @@
 """Retrieval protocols of `ace eval`.
 
-Crop retrieval (spec 6.1): find an image among N from a random 30-80 % crop, global embeddings.
+Crop retrieval (the ACE paper's protocol, docs/eval.md): find an image among N from a random 30-80 %
+crop, global embeddings.
 
 Landmark retrieval over an index: a landmark of a query image is searched, by exact cosine search
 of its coarse vector over every coarse cell of every image of the other subjects (the best cell
@@ -18,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder
+from ace_model.errors import InputError
 from ace_model.match import MASKED, sample_at
 from ace_model.preprocess import DecodedImage, prepare
-from training.eval_methods import EncoderMethod, embed_tensors
+from training.eval_methods import EncoderMethod
 from training.evaluate import image_diagonal, radial_errors
 from training.landmarks import LandmarkImage
 
@@ -29,7 +32,7 @@ RETRIEVAL_THRESHOLD_PCT = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Crop retrieval (spec 6.1)
+# Crop retrieval
 
 
 def random_crop(tensor: torch.Tensor, rng: np.random.Generator, low: float = 0.3,
@@ -61,15 +64,15 @@ def retrieval_groups(n_images: int, group_size: int, seed: int) -> list[list[int
 
 
 def crop_retrieval(encoder: Encoder, images: Sequence[DecodedImage], group_size: int, seed: int,
-                   batch_size: int = 8) -> dict[str, float]:
+                   policy: EmbeddingPolicy, batch_size: int = 8) -> dict[str, float]:
     tensors = [prepare(image, encoder.spec.img_size, encoder.grid)[0] for image in images]
     rng = np.random.default_rng(seed)
     crops = [random_crop(tensor, rng) for tensor in tensors]
     groups = retrieval_groups(len(images), group_size, seed)
     if not groups:
-        raise ValueError("crop retrieval needs at least 2 images")
-    image_global = embed_tensors(encoder, tensors, batch_size, "embed images").global_
-    crop_global = embed_tensors(encoder, crops, batch_size, "embed crops").global_
+        raise InputError("crop retrieval needs groups of at least 2 images (--crop-group >= 2)")
+    image_global = policy.embed(encoder, tensors, batch_size, "embed images").global_
+    crop_global = policy.embed(encoder, crops, batch_size, "embed crops").global_
     return {"top1": retrieval_top1(image_global, crop_global, groups),
             "chance": float(np.mean([1 / len(g) for g in groups])),
             "groups": float(len(groups)), "group_size": float(max(len(g) for g in groups))}

@@ -5,7 +5,7 @@ relative position):
 
 1. cross-subject landmarks: every landmark of a query image is located in every other image, with
    the error against the matcher's confidence and the time per (query, target) pair;
-2. crop retrieval (spec 6.1) and landmark retrieval over an index (training.eval_retrieval);
+2. crop retrieval (the ACE paper's protocol) and landmark retrieval over an index (training.eval_retrieval);
 3. real medical images under known affine and elastic warps (training.eval_real).
 
 Errors are radial distances in the target's original pixels, also as % of its diagonal.
@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder
+from ace_model.errors import InputError
 from ace_model.match import MatchOptions, Mode, Refinement
-from ace_model.preprocess import DecodedImage, load_image
+from ace_model.preprocess import DecodedImage
+from training.data import read_image
 from training.eval_methods import (
+    Embedded,
     EncoderMethod,
     FullResolutionNCC,
     IdentityMethod,
@@ -229,6 +233,8 @@ class EvalOptions:
     retrieval_k: int = 10  # hits per landmark query
     seed: int = 0
     batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda: where the encoders run (ace_model.embedding)
+    fp32: bool = False  # keep float32 on CUDA (default: bf16/fp16 autocast there, as the service)
 
 
 @dataclass
@@ -239,16 +245,16 @@ class EvalResult:
     predictions: list[PairPrediction]
 
 
-def encoder_methods_of(name: str, encoder: Encoder, options: EvalOptions, ablations: bool
-                       ) -> list[EncoderMethod]:
+def encoder_methods_of(name: str, encoder: Encoder, options: EvalOptions, policy: EmbeddingPolicy,
+                       ablations: bool) -> list[EncoderMethod]:
     """The method `name` (both levels, + second look when the encoder is dense) and, for the first
     encoder, the requested ablations; all share one embedding cache."""
-    dense, cache = encoder.spec.is_dense, {}
+    dense, cache = encoder.spec.is_dense, dict[int, Embedded]()
 
     def variant(label: str, mode: Mode = "both", second: bool = False, refine: Refinement = "quadratic",
                 ablation: bool = True) -> EncoderMethod:
         return EncoderMethod(label, encoder, options.batch_size, MatchOptions(mode=mode, refine=refine),
-                             second, ablation, cache)
+                             second, ablation, cache, policy)
 
     methods = [variant(name, second=dense, ablation=False)]
     if ablations and options.match_ablation:
@@ -261,16 +267,16 @@ def encoder_methods_of(name: str, encoder: Encoder, options: EvalOptions, ablati
     return methods
 
 
-def build_methods(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
+def build_methods(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]], policy: EmbeddingPolicy
                   ) -> tuple[list[Method], list[EncoderMethod]]:
     """All compared methods, and the encoder-based subset."""
     encoder_methods: list[EncoderMethod] = []
     for i, (name, encoder) in enumerate(encoders):
-        encoder_methods += encoder_methods_of(name, encoder, options, ablations=i == 0)
+        encoder_methods += encoder_methods_of(name, encoder, options, policy, ablations=i == 0)
     if options.random_baseline:
         spec = encoders[0][1].spec
         random_init = random_encoder(spec, options.seed)
-        encoder_methods += encoder_methods_of("random-init", random_init, options, ablations=False)
+        encoder_methods += encoder_methods_of("random-init", random_init, options, policy, ablations=False)
     methods: list[Method] = list(encoder_methods)
     if options.ncc:
         size = encoders[0][1].spec.img_size
@@ -283,8 +289,8 @@ def build_methods(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
 def load_landmark_images(options: EvalOptions) -> tuple[list[LandmarkImage], list[DecodedImage]]:
     items = read_landmark_set(options.data)[: options.max_images]
     if len(items) < 2:
-        raise ValueError(f"{options.data} has {len(items)} image(s) with landmarks; need at least 2")
-    images = [load_image(item.path) for item in tqdm(items, desc="load images", unit="img")]
+        raise InputError(f"{options.data} has {len(items)} image(s) with landmarks; need at least 2")
+    images = [read_image(item.path) for item in tqdm(items, desc="load images", unit="img")]
     return items, images
 
 
@@ -294,15 +300,16 @@ def run_evaluation(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
     from training.eval_retrieval import crop_retrieval, landmark_retrieval
 
     if not encoders:
-        raise ValueError("ace eval needs at least one encoder (--encoder ARTIFACT_DIR)")
+        raise InputError("ace eval needs at least one encoder (--encoder ARTIFACT_DIR)")
+    policy = EmbeddingPolicy.resolve(options.device, autocast=not options.fp32)
     items, images = load_landmark_images(options)
-    methods, encoder_methods = build_methods(options, encoders)
+    methods, encoder_methods = build_methods(options, encoders, policy)
     fit_seconds = {m.name: fit_timed(m, images) for m in methods}
     pairs = choose_pairs([item.patient_id for item in items], options.max_pairs, options.seed)
     predictions, locate_seconds = predict_pairs(methods, items, pairs)
     diagonals = [image_diagonal(image.width, image.height) for image in images]
     if not predictions:
-        raise ValueError(f"{options.data}: no two images of different patients share a landmark name")
+        raise InputError(f"{options.data}: no two images of different patients share a landmark name")
     main = [m for m in encoder_methods if not m.ablation]
     report: dict[str, Any] = {
         "data": str(options.data), "n_images": len(items), "n_pairs": len(predictions),
@@ -311,7 +318,8 @@ def run_evaluation(options: EvalOptions, encoders: Sequence[tuple[str, Encoder]]
         "timing": {m.name: pair_timing(fit_seconds[m.name], len(images), locate_seconds[m.name],
                                        len(predictions)) for m in methods},
         "crop_retrieval": {m.name: crop_retrieval(m.encoder, images, options.crop_group, options.seed,
-                                                  options.batch_size) for m in main},
+                                                  policy, options.batch_size) for m in main},
+        "embedding": policy.describe(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()
                      if k != "encoders"},
     }

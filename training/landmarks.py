@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ace_model.errors import InputError
+
 LANDMARK_COLUMNS = ("image", "landmark", "x", "y")
 METADATA_COLUMNS = ("image", "image_id", "patient_id")
 
 
-class LandmarkFormatError(ValueError):
+class LandmarkFormatError(InputError):
     """A landmark data set that does not follow the documented format."""
 
 

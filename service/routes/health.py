@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
+from service.errors import documented
 from service.generations import Generation
+from service.routes.admin import has_api_key
 from service.schemas import BatchingInfo, EncoderInfo, Health, IndexInfo, Info, Limits, Readiness
 from service.state import AppState, app_state
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, responses=documented(has_inputs=False))
 async def health() -> Health:
     return Health(status="ok")
 
 
-@router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+@router.get("/ready", response_model=Readiness,
+            responses={**documented(has_inputs=False), 503: {"model": Readiness}})
 async def ready(request: Request) -> JSONResponse:
     readiness = _readiness(app_state(request))
     return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
@@ -29,8 +34,11 @@ async def ready(request: Request) -> JSONResponse:
 def _readiness(state: AppState) -> Readiness:
     index_loaded = state.served.current.index is not None
     needs_index = state.settings.index_root is not None
-    ready = state.warmed_up and (index_loaded or not needs_index)
-    if not state.warmed_up:
+    worker_problem = state.batcher.problem()
+    ready = state.warmed_up and (index_loaded or not needs_index) and worker_problem is None
+    if worker_problem is not None:
+        detail = worker_problem
+    elif not state.warmed_up:
         detail = "warming up the encoder"
     elif needs_index and not index_loaded:
         detail = f"no index served: {state.served.problem or 'none published yet'}"
@@ -40,19 +48,26 @@ def _readiness(state: AppState) -> Readiness:
                      index_loaded=index_loaded, detail=detail)
 
 
-@router.get("/info", response_model=Info)
-async def info(request: Request) -> Info:
+@router.get("/info", response_model=Info, responses=documented())
+async def info(
+    request: Request,
+    x_api_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Info:
+    """What is served. Filesystem paths only for a request with the API key."""
     state = app_state(request)
     with state.served.lease() as generation:
-        return _info(state, generation)
+        return _info(state, generation, show_paths=has_api_key(request, x_api_key, authorization))
 
 
-def _info(state: AppState, generation: Generation) -> Info:
+def _info(state: AppState, generation: Generation, show_paths: bool) -> Info:
     settings = state.settings
-    root = settings.index_root
+    root = settings.index_root if show_paths else None
     return Info(encoder=_encoder_info(generation.encoder), index=_index_info(generation.index),
                 index_root=str(root) if root else None,
                 limits=Limits(max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                              max_request_pixels=settings.max_request_pixels,
+                              memory_budget_mb=settings.memory_budget_mb,
                               max_points=settings.max_points, max_targets=settings.max_targets,
                               max_image_ids=settings.max_image_ids, max_k=settings.max_k),
                 batching=_batching_info(state))
@@ -71,6 +86,8 @@ def _index_info(index: PatchIndex | None) -> IndexInfo | None:
 
 def _batching_info(state: AppState) -> BatchingInfo:
     config = state.batcher.config
-    return BatchingInfo(device=str(config.device), autocast=config.autocast and config.device.type == "cuda",
+    policy = config.policy
+    return BatchingInfo(device=str(policy.device), autocast=policy.precision != "fp32",
+                        precision=policy.precision,
                         max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
                         queue_size=config.queue_size, threads=torch.get_num_threads())

@@ -14,21 +14,21 @@ from starlette.concurrency import run_in_threadpool
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import Levels, common_looks, look_scales
-from ace_model.preprocess import CoordinateMap, DecodedImage, ImageDecodeError, decode_image, prepare
-from service.batcher import Embedded, QueueFullError
+from ace_model.preprocess import CoordinateMap, DecodedImage, decode_side, prepare
+from service.batcher import Embedded
 from service.config import Settings
-from service.errors import ApiError, from_decode_error, invalid
+from service.errors import ApiError, documented, invalid
 from service.hits import locate_hits
+from service.pipeline import check_ids, check_targets, decoded, embed, indexed_levels, read_uploads
 from service.queries import (
     QuerySet,
     QueryShapes,
     check_inside,
     embed_queries,
     locate_queries,
-    parse_image_ids,
     parse_shapes,
 )
-from service.schemas import Correspondence, ErrorResponse, Match, MatchResponse, PointResult, Timing
+from service.schemas import Correspondence, Match, MatchResponse, PointResult, Timing
 from service.state import AppState, app_state
 
 router = APIRouter(tags=["match"])
@@ -36,9 +36,7 @@ router = APIRouter(tags=["match"])
 SELF_PROBE_HITS = 4  # near-duplicates of the query in the index beyond this many are not excluded
 SELF_MIN_SCORE = 0.995  # cosine of a patch with its own float16-stored copy
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (413, 415, 422, 429, 503)
-}
+ERRORS = documented(400, 413, 415, 429, 503)
 
 
 @dataclass(frozen=True)
@@ -72,35 +70,31 @@ async def match(
     target_files = targets or []
     ids = _check_request(state.settings, k, len(target_files), image_ids)
     shapes = parse_shapes(points, boxes, state.settings.max_points)
+    uploads = await read_uploads(image, target_files)
     with state.served.lease() as generation:
-        query = await _prepare_upload(image, "image", state, generation.encoder)
-        check_inside(shapes, query.coords)
-        uploads = [await _prepare_upload(f, f"targets[{i}]", state, generation.encoder)
-                   for i, f in enumerate(target_files)]
-        max_look = state.settings.max_look if generation.encoder.spec.is_dense else 1
-        query, uploads = await run_in_threadpool(_add_looks, query, uploads, generation.encoder, max_look)
-        index = generation.index
+        encoder, index = generation.encoder, generation.index
         _check_index_served(state, index)
-        _check_ids(index, ids)
-        pairs = await _embed(state, [query, *uploads], generation.encoder)
-        search_started = time.perf_counter()
-        results, queries = await run_in_threadpool(
-            _answer, shapes, query, pairs, uploads, index, ids, k
-        )
-        if index is not None:
-            await locate_hits(state, generation.encoder, index, [r.matches for r in results], queries,
-                              _levels(pairs[0][0], query.coords))
+        check_ids(index, ids)
+        max_look = state.settings.max_look if encoder.spec.is_dense else 1
+        async with decoded(state, uploads, decode_side(encoder.spec.img_size), encoder, max_look) as images:
+            query, *prepared = [await run_in_threadpool(_prepare, im, encoder) for im in images]
+            check_inside(shapes, query.coords)
+            query, prepared = await run_in_threadpool(_add_looks, query, prepared, encoder, max_look)
+            pairs = await _embed(state, [query, *prepared], encoder)
+            search_started = time.perf_counter()
+            results, queries = await run_in_threadpool(_answer, shapes, query, pairs, prepared, index, ids, k)
+            if index is not None:
+                await locate_hits(state, encoder, index, [r.matches for r in results], queries,
+                                  _levels(pairs[0][0], query.coords))
         timing = _timing([e for base, looks in pairs for e in (base, *looks)], started, search_started)
-        return MatchResponse(encoder=generation.encoder.fingerprint, index_version=generation.version,
+        return MatchResponse(encoder=encoder.fingerprint, index_version=generation.version,
                              results=results, timing_ms=timing)
 
 
 def _check_request(settings: Settings, k: int, n_targets: int, image_ids: str | None) -> list[str]:
     if not 1 <= k <= settings.max_k:
         raise invalid(f"k must be between 1 and {settings.max_k}; got {k}")
-    if n_targets > settings.max_targets:
-        raise invalid(f"{n_targets} targets uploaded; at most {settings.max_targets} per request")
-    return parse_image_ids(image_ids, settings.max_image_ids)
+    return check_targets(settings, n_targets, image_ids)
 
 
 def _check_index_served(state: AppState, index: PatchIndex | None) -> None:
@@ -111,26 +105,7 @@ def _check_index_served(state: AppState, index: PatchIndex | None) -> None:
                        headers={"Retry-After": "10"})
 
 
-def _check_ids(index: PatchIndex | None, ids: list[str]) -> None:
-    if not ids:
-        return
-    if index is None:
-        raise invalid("`image_ids` needs an index, and this service has none loaded")
-    unknown = [i for i in ids if not index.has_image(i)]
-    if unknown:
-        raise invalid(f"unknown image id(s) {unknown[:5]} (index version {index.version})")
-
-
-async def _prepare_upload(upload: UploadFile, what: str, state: AppState, encoder: Encoder) -> Prepared:
-    data = await upload.read()
-    try:
-        return await run_in_threadpool(_decode_prepare, data, encoder, state.settings.max_pixels)
-    except ImageDecodeError as err:
-        raise from_decode_error(err, what) from err
-
-
-def _decode_prepare(data: bytes, encoder: Encoder, max_pixels: int) -> Prepared:
-    image = decode_image(data, max_pixels)
+def _prepare(image: DecodedImage, encoder: Encoder) -> Prepared:
     tensor, coords = prepare(image, encoder.spec.img_size, encoder.grid)
     return Prepared(tensor, coords, image)
 
@@ -166,11 +141,7 @@ async def _embed(state: AppState, images: list[Prepared], encoder: Encoder) -> l
     order += [(n, j) for j in range(max((len(p.looks) for p in images), default=0))
               for n, p in enumerate(images) if j < len(p.looks)]
     tensors = [images[n].tensor if j < 0 else images[n].looks[j][0] for n, j in order]
-    try:
-        embedded = await state.batcher.embed(tensors, encoder)
-    except QueueFullError as err:
-        state.metrics.rejected.inc(len(tensors))
-        raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
+    embedded = await embed(state, tensors, encoder)
     by_slot = dict(zip(order, embedded, strict=True))
     return [(by_slot[(n, -1)], [by_slot[(n, j)] for j in range(len(p.looks))]) for n, p in enumerate(images)]
 
@@ -206,10 +177,7 @@ def _answer(
 
 
 def _indexed_target(index: PatchIndex, image_id: str) -> Target:
-    """An indexed image: its stored coarse grid (the index keeps no fine level)."""
-    grid = torch.from_numpy(np.ascontiguousarray(index.grid(image_id), dtype=np.float32))
-    coords = index.record(image_id).coords
-    return Target(image_id, Levels.of(grid, None, coords), coords)
+    return Target(image_id, indexed_levels(index, image_id), index.record(image_id).coords)
 
 
 def _search(

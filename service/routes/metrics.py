@@ -5,13 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.errors import documented
 from service.state import AppState, app_state
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"}})
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"},
+                       **documented(has_inputs=False)})
 async def metrics(request: Request) -> Response:
     state = app_state(request)
     _refresh_gauges(state)

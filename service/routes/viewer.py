@@ -24,24 +24,22 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import MASKED, Levels, MatchOptions, similarity
 from ace_model.preprocess import (
     CoordinateMap,
     DecodedImage,
     ImageDecodeError,
-    decode_image,
+    decode_side,
     load_image,
     prepare,
     thumbnail_jpeg,
     to_pil,
 )
-from service.batcher import Embedded, QueueFullError
-from service.errors import ApiError, from_decode_error, invalid
-from service.queries import QueryShapes, check_inside, is_coordinate, parse_image_ids
-from service.schemas import ErrorResponse
-from service.state import AppState, app_state
+from service.errors import ApiError, documented, invalid
+from service.pipeline import check_ids, check_targets, decoded, embed, indexed_levels, read_uploads
+from service.queries import QueryShapes, check_inside, is_coordinate
+from service.state import app_state
 
 router = APIRouter(tags=["viewer"])
 
@@ -51,10 +49,6 @@ PREVIEW_SIDE = 1024  # longest side of a /preview PNG
 PNG_OK: dict[int | str, dict[str, object]] = {200: {"content": {"image/png": {}}}}
 THUMBNAIL_OK: dict[int | str, dict[str, object]] = {200: {"content": {"image/jpeg": {}, "image/png": {}}}}
 THUMBNAIL_TYPES = {".jpg": "image/jpeg", ".png": "image/png"}  # index versions before 2026-11-27: PNG
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
-    return {code: {"model": ErrorResponse} for code in codes}
 
 
 class ImageInfo(BaseModel):
@@ -117,7 +111,7 @@ def _static_file(name: str) -> FileResponse:
 # ----------------------------------------------------------------------------- indexed images
 
 
-@router.get("/images", response_model=ImageList)
+@router.get("/images", response_model=ImageList, responses=documented())
 async def list_images(
     request: Request,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -135,7 +129,7 @@ async def list_images(
 # Image ids may contain "/" (sent as %2F): the thumbnail route is declared first so that
 # ".../thumbnail" is never read as part of an id.
 @router.get("/images/{image_id:path}/thumbnail", response_class=Response,
-            responses={**THUMBNAIL_OK, **_errors(404)})
+            responses={**THUMBNAIL_OK, **documented(404)})
 async def thumbnail(request: Request, image_id: str) -> Response:
     with app_state(request).served.lease() as generation:
         index = generation.index
@@ -148,7 +142,7 @@ async def thumbnail(request: Request, image_id: str) -> Response:
     return Response(data, media_type=THUMBNAIL_TYPES[stored.suffix], headers={"Cache-Control": "max-age=300"})
 
 
-@router.get("/images/{image_id:path}", response_model=ImageInfo, responses=_errors(404))
+@router.get("/images/{image_id:path}", response_model=ImageInfo, responses=documented(404))
 async def image_info(request: Request, image_id: str) -> ImageInfo:
     with app_state(request).served.lease() as generation:
         index = generation.index
@@ -190,17 +184,18 @@ def _png(image: DecodedImage, max_side: int) -> bytes:
 # ----------------------------------------------------------------------------- uploads
 
 
-@router.post("/preview", response_class=Response, responses={**PNG_OK, **_errors(413, 415, 422)})
+@router.post("/preview", response_class=Response, responses={**PNG_OK, **documented(400, 413, 415, 429)})
 async def preview(
     request: Request, image: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM")]
 ) -> Response:
-    decoded = await _decode(image, "image", app_state(request))
-    data = await run_in_threadpool(_png, decoded, PREVIEW_SIDE)
-    size = {"X-Image-Width": str(decoded.width), "X-Image-Height": str(decoded.height)}
+    state = app_state(request)
+    async with decoded(state, await read_uploads(image), PREVIEW_SIDE) as (picture,):
+        data = await run_in_threadpool(_png, picture, PREVIEW_SIDE)
+    size = {"X-Image-Width": str(picture.width), "X-Image-Height": str(picture.height)}
     return Response(data, media_type="image/png", headers=size)
 
 
-@router.post("/heatmap", response_model=HeatmapResponse, responses=_errors(413, 415, 422, 429))
+@router.post("/heatmap", response_model=HeatmapResponse, responses=documented(400, 413, 415, 429))
 async def heatmap(
     request: Request,
     image: Annotated[UploadFile, File(description="query image: PNG, JPEG, TIFF or DICOM")],
@@ -210,40 +205,24 @@ async def heatmap(
 ) -> HeatmapResponse:
     state = app_state(request)
     shapes = QueryShapes(np.array([_parse_point(point)], dtype=np.float64), None)
-    ids = parse_image_ids(image_ids, state.settings.max_image_ids)
-    if len(targets or []) > state.settings.max_targets:
-        raise invalid(f"{len(targets or [])} targets uploaded; at most {state.settings.max_targets}")
-    query = await _decode(image, "image", state)
-    uploads = [await _decode(f, f"targets[{i}]", state) for i, f in enumerate(targets or [])]
+    ids = check_targets(state.settings, len(targets or []), image_ids)
+    uploads = await read_uploads(image, targets or [])
     with state.served.lease() as generation:
-        size, grid = generation.encoder.spec.img_size, generation.encoder.grid
-        prepared = [await run_in_threadpool(prepare, d, size, grid) for d in [query, *uploads]]
-        check_inside(shapes, prepared[0][1])
-        indexed = [_indexed_target(generation.index, image_id) for image_id in ids]
-        embedded = await _embed(state, [tensor for tensor, _ in prepared], generation.encoder)
-        levels = [Levels.of(e.patches, e.fine, c) for e, (_, c) in zip(embedded, prepared, strict=True)]
-        query_px = torch.as_tensor(prepared[0][1].to_model(shapes.points), dtype=torch.float32)
-        found = [_Target(i, lv, c)
-                 for i, (lv, (_, c)) in enumerate(zip(levels[1:], prepared[1:], strict=True))]
-        maps = [_heatmap(levels[0], query_px, target) for target in [*found, *indexed]]
+        encoder, index = generation.encoder, generation.index
+        check_ids(index, ids)
+        indexed = [_Target(i, indexed_levels(index, i), index.record(i).coords) for i in ids] if index else []
+        size, grid = encoder.spec.img_size, encoder.grid
+        async with decoded(state, uploads, decode_side(size), encoder) as images:
+            prepared = [await run_in_threadpool(prepare, d, size, grid) for d in images]
+            check_inside(shapes, prepared[0][1])
+            embedded = await embed(state, [tensor for tensor, _ in prepared], encoder)
+            levels = [Levels.of(e.patches, e.fine, c) for e, (_, c) in zip(embedded, prepared, strict=True)]
+            query_px = torch.as_tensor(prepared[0][1].to_model(shapes.points), dtype=torch.float32)
+            found = [_Target(i, lv, c)
+                     for i, (lv, (_, c)) in enumerate(zip(levels[1:], prepared[1:], strict=True))]
+            maps = [_heatmap(levels[0], query_px, target) for target in [*found, *indexed]]
     x, y = shapes.points[0]
     return HeatmapResponse(point=(float(x), float(y)), maps=maps)
-
-
-async def _decode(upload: UploadFile, what: str, state: AppState) -> DecodedImage:
-    data = await upload.read()
-    try:
-        return await run_in_threadpool(decode_image, data, state.settings.max_pixels)
-    except ImageDecodeError as err:
-        raise from_decode_error(err, what) from err
-
-
-async def _embed(state: AppState, tensors: list[torch.Tensor], encoder: Encoder) -> list[Embedded]:
-    try:
-        return await state.batcher.embed(tensors, encoder)
-    except QueueFullError as err:
-        state.metrics.rejected.inc(len(tensors))
-        raise ApiError(429, str(err), headers={"Retry-After": "1"}) from err
 
 
 def _parse_point(text: str) -> tuple[float, float]:
@@ -255,16 +234,6 @@ def _parse_point(text: str) -> tuple[float, float]:
     if not isinstance(value, list) or len(value) != 2 or not all(is_coordinate(v) for v in value):
         raise invalid(message)
     return float(value[0]), float(value[1])
-
-
-def _indexed_target(index: PatchIndex | None, image_id: str) -> _Target:
-    if index is None:
-        raise invalid("`image_ids` needs an index, and this service has none loaded")
-    if not index.has_image(image_id):
-        raise invalid(f"unknown image id {image_id!r} (index version {index.version})")
-    grid = torch.from_numpy(np.ascontiguousarray(index.grid(image_id), dtype=np.float32))
-    coords = index.record(image_id).coords
-    return _Target(image_id, Levels.of(grid, None, coords), coords)
 
 
 def _heatmap(query: Levels, query_px: torch.Tensor, target: _Target) -> Heatmap:

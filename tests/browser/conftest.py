@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from ace_model.index import ImageRecord, Segment, create_version, publish
 from ace_model.preprocess import load_image, prepare
 from service.config import Settings
 from service.main import create_app
+from tests.browser.helpers import PHANTOM_SIZE, Corpus
 from training.phantoms import PhantomConfig, generate_phantom
 
 CHROMIUM = os.environ.get("ACE_CHROMIUM", "/usr/bin/chromium")
@@ -36,7 +36,6 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 IMG_SIZE = 112  # encoder input side: a 7 x 7 patch grid, enough to see a heatmap
-PHANTOM_SIZE = 256
 INDEXED_SUBJECTS = 4  # subjects 0..3, two views each, make the index
 QUERY_SUBJECT = 5  # not indexed
 TARGET_SUBJECT = 4  # not indexed
@@ -46,17 +45,6 @@ ARTIFACTS = Path(os.environ.get("ACE_TEST_ARTIFACTS", Path(__file__).resolve().p
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: drives headless Chromium against the live service")
-
-
-@dataclass(frozen=True)
-class Corpus:
-    encoder_dir: Path
-    index_root: Path
-    query: Path  # a phantom PNG outside the index
-    query_landmarks: dict[str, tuple[float, float]]
-    target: Path  # another phantom PNG outside the index
-    indexed: list[str]  # image ids in the index
-    unstored_thumbnail: str  # an indexed id whose thumbnail is made from its source on request
 
 
 def _phantom_png(path: Path, subject: int, view: int) -> dict[str, tuple[float, float]]:
@@ -123,7 +111,8 @@ def service_url(corpus: Corpus) -> Iterator[str]:
     settings = Settings(encoder=corpus.encoder_dir, index_root=corpus.index_root, poll_interval_s=0,
                         max_batch_size=4, threads=1)
     sock = _free_socket()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on",
+                                           http="service.protocol:ConnectionLimitsProtocol"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from .conftest import Corpus
+from tests.browser.helpers import Corpus
 
 
 @pytest.fixture(scope="module")

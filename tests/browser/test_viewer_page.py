@@ -9,7 +9,7 @@ from urllib.parse import quote
 import pytest
 from pydicom.data import get_testdata_file
 
-from .conftest import PHANTOM_SIZE, Corpus
+from tests.browser.helpers import PHANTOM_SIZE, Corpus
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
 expect = sync_api.expect

@@ -13,8 +13,8 @@ from unittest import mock
 import httpx
 import pytest
 
-from training.cli import build_parser
-from training.cmd_serve import export_environment, run_serve
+from training.cli import build_parser, main
+from training.cmd_serve import export_environment
 
 
 def test_options_become_ace_environment_variables() -> None:
@@ -31,7 +31,7 @@ def test_options_become_ace_environment_variables() -> None:
 def test_serve_without_an_encoder_explains_itself(monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("ACE_ENCODER", raising=False)
-    assert run_serve(build_parser().parse_args(["serve"])) == 2
+    assert main(["serve"]) == 2
     assert "--encoder" in capsys.readouterr().err
 
 
@@ -64,7 +64,7 @@ def test_ace_serve_answers_on_loopback(encoder_dir: Path, workers: int) -> None:
 
 def test_demo_index_covers_phantoms_and_samples(tmp_path: Path, encoder_dir: Path) -> None:
     from ace_model.index import PatchIndex
-    from tests.service.conftest import block_texture, png_bytes
+    from tests.service.helpers import block_texture, png_bytes
     from training.cmd_serve import _demo_index
 
     phantoms, samples = tmp_path / "phantoms", tmp_path / "samples"

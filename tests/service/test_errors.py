@@ -15,7 +15,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from service.config import Settings
-from tests.service.conftest import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
+from tests.service.helpers import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
 
 API_KEY = "s3cret-key"
 IMAGE = png_bytes(block_texture(5, 96, 80))  # 80 x 96 pixels
@@ -136,7 +136,8 @@ def test_service_still_works_after_bad_input(client: httpx.Client) -> None:
     assert client.get("/info").json() == before
 
 
-@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}])
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
+                                     {"X-API-Key": API_KEY[:-1]}, {"X-API-Key": API_KEY + "x"}])
 def test_admin_refuses_missing_or_wrong_key(client: httpx.Client, headers: dict[str, str]) -> None:
     response = client.post("/admin/reload", headers=headers)
     assert response.status_code == 401 and "API key" in response.json()["detail"]
@@ -187,14 +188,14 @@ def test_max_look_comes_from_the_environment_and_bad_values_are_named(
 
 def test_looks_are_prepared_only_for_sizes_a_pair_shares() -> None:
     from ace_model.encoder import Encoder, EncoderSpec
-    from ace_model.preprocess import DecodedImage
-    from service.routes.match import _add_looks, _decode_prepare
+    from ace_model.preprocess import DecodedImage, decode_image
+    from service.routes.match import _add_looks, _prepare
 
     encoder = Encoder(EncoderSpec("ace_dense_pyramid", 64))
     def upload(side: int) -> bytes:
         return png_bytes(block_texture(side, side, side))
 
-    big, small = _decode_prepare(upload(300), encoder, 10**7), _decode_prepare(upload(64), encoder, 10**7)
+    big, small = _prepare(decode_image(upload(300)), encoder), _prepare(decode_image(upload(64)), encoder)
     assert isinstance(big.image, DecodedImage)
     alone, _ = _add_looks(big, [], encoder, 4)
     assert alone.looks == ()  # no target: nothing would use a look

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from service.config import Settings
-from tests.service.conftest import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
+from tests.service.helpers import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -24,11 +24,13 @@ import httpx
 import pytest
 import torch
 
+from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder, load_encoder
 from ace_model.index import rollback
 from service.batcher import Batcher, BatcherConfig
 from service.config import Settings
-from tests.service.conftest import (
+from tests.service.helpers import (
+    ADMIN,
     block_texture,
     build_index,
     identity_encoder,
@@ -105,7 +107,7 @@ def test_new_encoder_and_its_index_swap_in_together_under_load(
             wait_for(lambda: len(responses) >= 4, 120, "requests flowing before the retrain")
             new_fp = identity_encoder(1).save(deployed_encoder)  # `ace export` over the volume
             second = index_job(deployed_encoder, images, root)
-            reload = client.post("/admin/reload")
+            reload = client.post("/admin/reload", headers=ADMIN)
             wait_for(lambda: _count(responses, second) >= 4, 120, "answers from the new pair")
             stop.set()
             for future in running:
@@ -116,7 +118,7 @@ def test_new_encoder_and_its_index_swap_in_together_under_load(
         assert client.get("/info").json()["encoder"]["fingerprint"] == new_fp
 
         rollback(root)  # the previous pair comes back from memory: ACE_ENCODER holds the new one
-        assert client.post("/admin/reload").json()["status"] == "swapped"
+        assert client.post("/admin/reload", headers=ADMIN).json()["status"] == "swapped"
         assert served_pair(match(client)) == (old_fp, first)
 
 
@@ -143,13 +145,13 @@ def test_an_index_without_its_encoder_is_refused_and_match_says_so(
     with running_server(settings_for(encoder=deployed_encoder, index_root=root)) as url, \
             httpx.Client(base_url=url, timeout=60) as client:
         second = build_index(root, other_encoder_dir, {"a": IMAGE}, tmp_path / "work")  # no store copy
-        refused = client.post("/admin/reload")
+        refused = client.post("/admin/reload", headers=ADMIN)
         assert refused.status_code == 409 and refused.json()["version"] == first
         assert str(deployed_encoder) in refused.json()["detail"]
         assert served_pair(match(client))[1] == first
 
         shutil.copytree(other_encoder_dir, deployed_encoder, dirs_exist_ok=True)  # the export lands
-        assert client.post("/admin/reload").json()["status"] == "swapped"
+        assert client.post("/admin/reload", headers=ADMIN).json()["status"] == "swapped"
         assert served_pair(match(client)) == (load_encoder(other_encoder_dir).fingerprint, second)
 
     identity_encoder(0).save(deployed_encoder)  # a restart with neither copy of encoder 1 around
@@ -164,7 +166,7 @@ def test_an_index_without_its_encoder_is_refused_and_match_says_so(
 def test_batches_never_mix_encoders() -> None:
     encoders = [identity_encoder(seed) for seed in (0, 1)]
     images = [torch.randn(3, 64, 64) for _ in range(12)]
-    batcher = Batcher(BatcherConfig(8, 50.0, 64, torch.device("cpu"), False), lambda size, depth: None)
+    batcher = Batcher(BatcherConfig(8, 50.0, 64, EmbeddingPolicy.resolve("cpu")), lambda size, depth: None)
     batcher.start()
     try:
         # a thread of its own: the browser tests' sync Playwright keeps an event loop in this one

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.config import Settings
-from tests.service.conftest import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
+from tests.service.helpers import TEST_DEVICE, block_texture, build_index, png_bytes, running_server
 
 HEIGHT, WIDTH = 160, 128  # letterboxed into 64 px: 0.4 model px per pixel, one patch = 40 px
 PATCH_PX = 40.0

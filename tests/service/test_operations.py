@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.config import Settings
-from tests.service.conftest import block_texture, build_index, png_bytes, running_server, wait_for
+from tests.service.helpers import ADMIN, block_texture, build_index, png_bytes, running_server, wait_for
 
 IMAGE = png_bytes(block_texture(7, 96, 80))
 OTHER = png_bytes(block_texture(8, 96, 80))
@@ -55,7 +55,7 @@ def test_without_an_index_targets_still_work(settings_for: Callable[..., Setting
         body = match(client, targets=(OTHER,)).json()
         assert body["index_version"] is None
         assert all(r["matches"] == [] and len(r["correspondences"]) == 1 for r in body["results"])
-        assert client.post("/admin/reload").json()["status"] == "disabled"
+        assert client.post("/admin/reload", headers=ADMIN).json()["status"] == "disabled"
 
 
 def test_ready_waits_for_a_configured_index(settings_for: Callable[..., Settings], tmp_path: Path,
@@ -124,7 +124,7 @@ def test_index_from_another_encoder_is_refused(settings_for: Callable[..., Setti
     with running_server(settings_for(index_root=root)) as url, \
             httpx.Client(base_url=url, timeout=60) as client:
         build_index(root, other_encoder_dir, {"a": IMAGE}, tmp_path / "work")
-        response = client.post("/admin/reload")
+        response = client.post("/admin/reload", headers=ADMIN)
         assert response.status_code == 409 and response.json()["status"] == "refused"
         assert response.json()["version"] == first
         assert "refused: it was built by encoder" in caplog.text

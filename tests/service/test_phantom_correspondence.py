@@ -20,7 +20,7 @@ from ace_model.encoder import Encoder, load_encoder
 from ace_model.match import Levels, common_looks, look_scales, match_points
 from ace_model.preprocess import CoordinateMap, DecodedImage, load_image, prepare
 from service.config import Settings
-from tests.service.conftest import running_server
+from tests.service.helpers import running_server
 from training.landmarks import LandmarkImage, read_landmark_set
 
 SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "ace-dense-phantoms"

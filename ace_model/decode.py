@@ -1,0 +1,490 @@
+"""Image decoding that cannot crash: bytes -> DecodedImage, or ImageDecodeError (a kind the
+service maps to a status code, and a message the sender can act on).
+
+Every image becomes float32 (H, W, 3) in [0, 1]: 8-bit data / 255, 16-bit, float and DICOM images
+min-max scaled over their range (DICOM after its modality and VOI LUTs, MONOCHROME1 inverted), grey
+as a read-only 3-channel view. `max_side` reduces while decoding by an integer factor; `width` and
+`height` stay the original size. `peek_image` reads headers only; `decode_memory_bytes` bounds what
+decoding will need. Pillow, pydicom and their codecs raise almost any exception type on crafted
+files, so both entry points catch `Exception` at their boundary: a failure refuses the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import operator
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageMode, UnidentifiedImageError
+from pydicom.dataelem import RawDataElement
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
+
+from ace_model.errors import InputError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # refuse decompression bombs beyond 8k x 8k
+PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow's other plugins are attack surface we don't need
+GREY_MODES = ("L", "LA", "P", "1")  # 8-bit, read as grey
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # min-max scaled
+DEFER_BYTES = 4096  # dcmread leaves larger values unread (uncompressed pixel data is viewed in place)
+BAND_PIXELS = 1 << 16  # DICOM LUTs run on bands of rows this large: their float64 copies stay small
+LUT_BYTES = 48  # per pixel of a band: pydicom's LUTs and the window copy it (measured: up to 32)
+PIXEL_DATA = Tag(0x7FE00010)
+MAX_SAMPLE_BYTES = 12  # per pixel, the most a supported image holds (3 x 32 bits): the inflate bound
+OVERHEAD_BYTES = 2 << 20  # parsers' objects, read buffers and allocator slack, whatever the image size
+
+
+class ImageDecodeError(InputError):
+    """Input that is not a usable image; kind: unsupported | corrupt | multiframe | too_large."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (h, w, 3) float32 in [0, 1]; grey: read-only view, channel stride 0
+    format: str  # png | jpeg | dicom | ...
+    patient_id: str | None = None  # DICOM PatientID when present
+    # (width, height) of the source when `pixels` were reduced while decoding; None: the pixels' size
+    original_size: tuple[int, int] | None = None
+
+    @property
+    def width(self) -> int:  # the original image's: the frame users' coordinates refer to
+        return self.original_size[0] if self.original_size else int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return self.original_size[1] if self.original_size else int(self.pixels.shape[0])
+
+    @property
+    def pixel_scale(self) -> tuple[float, float]:
+        """(x, y) pixels of `pixels` per original pixel: 1.0 unless reduced while decoding."""
+        return self.pixels.shape[1] / self.width, self.pixels.shape[0] / self.height
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels (peek_image)."""
+
+    format: str  # png | jpeg | tiff | bmp | dicom | ...
+    width: int
+    height: int
+    channels: int  # samples per pixel as stored: 1 grey, 2 grey + alpha, 3 colour, 4 RGBA / CMYK
+    bytes_per_sample: int  # of the decoded samples: 1 (8-bit), 2 (16-bit), 4 (32-bit int or float)
+    mode: str  # Pillow's mode, or the DICOM PhotometricInterpretation
+    codec_bytes: int = 0  # working memory of the format's decoder besides the image it decodes into
+    lut_bytes: int = 0  # per pixel of one band of rows: the temporaries of the DICOM LUTs
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+                 ) -> DecodedImage:
+    """Decode PNG / JPEG / TIFF / BMP / DICOM bytes; with `max_side`, reduced by reduction_factor()."""
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    decode = _decode_dicom if _is_dicom(data) else _decode_pil
+    with _refusing(data, max_pixels):
+        image = decode(data, max_pixels, max_side)
+        _check_pixels(image.pixels)
+    return image
+
+
+def peek_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of an image, its pixels not decoded; refused with the kinds decode_image uses."""
+    with _refusing(data, max_pixels):
+        if _is_dicom(data):
+            return _dicom_header(_read_dicom(data, max_pixels, pixels=False), len(data), max_pixels)
+        image, header = _open_pil(data, max_pixels)
+        image.close()
+        return header
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+               ) -> DecodedImage:
+    return decode_image(Path(path).read_bytes(), max_pixels, max_side)
+
+
+def reduction_factor(width: int, height: int, max_side: int | None) -> int:
+    """The integer factor decode_image reduces by: longer side // max_side (1: not reduced)."""
+    return 1 if max_side is None else max(1, max(width, height) // max_side)
+
+
+def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 3) read-only view of the one channel (stride 0): copy a channel to write."""
+    grey = grey.astype(np.float32, copy=False)
+    return np.broadcast_to(grey[:, :, None], (*grey.shape, 3))
+
+
+def _is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+@contextlib.contextmanager
+def _refusing(data: bytes, max_pixels: int) -> Iterator[None]:
+    """Turn every failure of decoding into ImageDecodeError (see the module docstring)."""
+    if not data:
+        raise ImageDecodeError("unsupported", "the file is empty")
+    try:
+        yield
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError("unsupported", "not a PNG, JPEG, TIFF, BMP or DICOM image") from err
+    except (Image.DecompressionBombError, MemoryError) as err:
+        message = f"image too large to decode ({_quote(err)}); the limit is {max_pixels} pixels"
+        raise ImageDecodeError("too_large", message) from err
+    except Exception as err:  # deliberately broad: crafted files make decoders raise any type
+        what = "DICOM file" if _is_dicom(data) else "image file"
+        raise ImageDecodeError("corrupt", f"the {what} is corrupt or truncated ({_quote(err)}); "
+                                          "re-export or re-send it") from err
+
+
+def _quote(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:240].rstrip(": ")
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageDecodeError("too_large", f"image is {width}x{height} pixels; the limit is {max_pixels}")
+    if height < 2 or width < 2:
+        raise ImageDecodeError("corrupt", f"image is {width}x{height} pixels; need at least 2x2")
+
+
+def _check_pixels(pixels: np.ndarray) -> None:
+    """The promise every returned image keeps: (H, W, 3) float32 in [0, 1], H, W >= 2."""
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.float32 or min(pixels.shape[:2]) < 2:
+        raise ImageDecodeError("corrupt", f"the image decodes to an unusable {pixels.shape} array")
+    low, high = _finite_range(pixels[:, :, 0] if pixels.strides[2] == 0 else pixels)
+    if low < 0 or high > 1:
+        raise ImageDecodeError("corrupt", f"the image decodes to values in [{low}, {high}], not [0, 1]")
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    """NaN or infinite values (float TIFF, bad rescale) would make every similarity NaN."""
+    low, high = float(values.min()), float(values.max())  # NaN propagates through min and max
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ImageDecodeError("corrupt", "the image holds NaN or infinite pixel values")
+    return low, high
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    """Scale float32 `values` (owned by the caller) to [0, 1] over their range, in place."""
+    low, high = _finite_range(values)
+    if high <= low:
+        values[...] = 0
+        return values
+    values -= low
+    values /= high - low
+    return values
+
+
+def _decoded(pixels: np.ndarray, image_format: str, width: int, height: int, patient: str | None = None
+             ) -> DecodedImage:
+    original = None if pixels.shape[:2] == (height, width) else (width, height)
+    return DecodedImage(pixels, image_format, patient, original)
+
+
+def _block_mean(rows: Callable[[int, int], np.ndarray], height: int, factor: int, dtype: np.dtype
+                ) -> np.ndarray:
+    """Means of factor x factor blocks (partial ones at the right and bottom edges) of an image
+    read through `rows(top, bottom)` one band at a time, so float64 work stays one band's size.
+    Integer dtypes get the means rounded, so LUTs meant for the stored values still apply."""
+    out: np.ndarray | None = None
+    for row, top in enumerate(range(0, height, factor)):
+        band = rows(top, min(top + factor, height))  # (r, W[, C])
+        starts = np.arange(0, band.shape[1], factor)
+        sums = np.add.reduceat(band.sum(axis=0, dtype=np.float64), starts, axis=0)
+        counts = np.diff(np.append(starts, band.shape[1])) * band.shape[0]
+        means = sums / counts.reshape(-1, *([1] * (sums.ndim - 1)))
+        if out is None:
+            out = np.empty((-(-height // factor), *means.shape), dtype)
+        out[row] = np.rint(means) if np.issubdtype(dtype, np.integer) else means
+    assert out is not None
+    return out
+
+
+def _open_pil(data: bytes, max_pixels: int) -> tuple[Image.Image, ImageHeader]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    _check_size(image.width, image.height, max_pixels)
+    if getattr(image, "n_frames", 1) > 1:
+        raise ImageDecodeError("multiframe", "multi-frame images are not supported; send one frame")
+    channels, sample = len(image.getbands()), np.dtype(ImageMode.getmode(image.mode).typestr).itemsize
+    # libjpeg keeps every DCT coefficient (int16) of a progressive JPEG; libtiff decodes a strip (up
+    # to the whole image) before copying it
+    progressive = image.format == "JPEG" and bool(image.info.get("progressive"))
+    codec = image.width * image.height * channels * (2 if progressive else sample * (image.format == "TIFF"))
+    name = (image.format or "?").lower()
+    return image, ImageHeader(name, image.width, image.height, channels, sample, image.mode, codec)
+
+
+def _decode_pil(data: bytes, max_pixels: int, max_side: int | None) -> DecodedImage:
+    image, header = _open_pil(data, max_pixels)
+    factor = reduction_factor(header.width, header.height, max_side)
+    if factor > 1 and image.format == "JPEG":
+        width, height = image.size
+        drafted = image.draft(None, (-(-width // factor), -(-height // factor)))  # DCT-scaled decoding
+        factor //= 1 if drafted is None else round(width / drafted[1][2])  # what is left for reduce()
+    image.load()
+    return _decoded(_pil_pixels(image, factor), header.format, header.width, header.height)
+
+
+def _jpeg_draft_scale(width: int, height: int, factor: int) -> int:
+    """The DCT scale (1, 2, 4 or 8, <= factor) Pillow's draft picks for decode_image's request."""
+    scale = min(width // -(-width // factor), height // -(-height // factor))
+    return next(s for s in (8, 4, 2, 1) if s <= scale)
+
+
+def _pil_pixels(image: Image.Image, factor: int) -> np.ndarray:
+    if image.mode in WIDE_MODES:
+        if factor == 1:
+            return grey_to_rgb(_minmax(np.require(np.asarray(image, dtype=np.float32), requirements="W")))
+        width = image.width
+        values = _block_mean(lambda top, bottom: np.asarray(image.crop((0, top, width, bottom))),
+                             image.height, factor, np.dtype(np.float32))
+        return grey_to_rgb(_minmax(values))
+    grey = image.mode in GREY_MODES
+    if image.mode != ("L" if grey else "RGB"):
+        image = image.convert("L" if grey else "RGB")
+    if factor > 1:
+        image = image.reduce(factor)
+    values = np.asarray(image, dtype=np.float32)  # a new array: scaled in place
+    values *= np.float32(1 / 255)
+    return grey_to_rgb(values) if grey else values
+
+
+def _read_dicom(data: bytes, max_pixels: int, pixels: bool) -> pydicom.Dataset:
+    if DeflatedExplicitVRLittleEndian.encode() in data[:65536]:
+        _check_inflated_size(data, max_pixels * MAX_SAMPLE_BYTES + (1 << 20))
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels, defer_size=DEFER_BYTES)
+
+
+def _check_inflated_size(data: bytes, limit: int) -> None:
+    """pydicom inflates a deflated dataset whole, however large (a zip bomb): measure it first."""
+    group, element, vr, _, meta_length = struct.unpack_from("<HH2sHI", data, 132)
+    if (group, element, vr) != (2, 0, b"UL"):
+        raise ImageDecodeError("corrupt", "the deflated DICOM file has no file meta group length")
+    inflater, size = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    pending: bytes | memoryview = memoryview(data)[144 + meta_length :]
+    with contextlib.suppress(zlib.error):  # not deflated after all: dcmread judges the file
+        while pending and size <= limit and (chunk := inflater.decompress(pending, 1 << 20)):
+            size, pending = size + len(chunk), inflater.unconsumed_tail
+    if size > limit:
+        raise ImageDecodeError("too_large", f"the deflated DICOM data inflates beyond {limit} bytes")
+
+
+def _whole(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """A DICOM integer attribute (absent or empty: default); anything else is a corrupt file."""
+    try:
+        value = ds.get(keyword)  # pydicom converts lazily: a bad VR or value raises here
+        return default if value is None or value == "" else operator.index(value)
+    except Exception as err:
+        raise ImageDecodeError("corrupt", f"DICOM {keyword} is not one whole number ({_quote(err)})") from err
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """A DICOM text attribute; None when absent, empty, unreadable or not text (it only loses that)."""
+    with contextlib.suppress(Exception):
+        value = ds.get(keyword)
+        return value if isinstance(value, str) and value else None
+    return None
+
+
+def _dicom_header(ds: pydicom.Dataset, encoded_bytes: int, max_pixels: int) -> ImageHeader:
+    frames = _whole(ds, "NumberOfFrames", 1)
+    if frames > 1:
+        raise ImageDecodeError("multiframe", f"multi-frame DICOM ({frames} frames) is not supported")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageDecodeError("corrupt", "the DICOM file has no Rows or Columns (truncated or no image)")
+    rows, columns = _whole(ds, "Rows", 0), _whole(ds, "Columns", 0)
+    _check_size(columns, rows, max_pixels)
+    samples, bits = _whole(ds, "SamplesPerPixel", 1), _whole(ds, "BitsAllocated", 16)
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise ImageDecodeError("unsupported", f"DICOM with {samples} samples of {bits} bits per pixel is "
+                                              "not supported; re-export it as 8 or 16-bit grey or RGB")
+    uid, sample = _transfer_syntax(ds), max(1, bits // 8)
+    raw = rows * columns * samples * sample
+    copies = 0 if _viewable(ds, uid) else raw + encoded_bytes  # pydicom's array and its copy of the data
+    if uid == RLELossless:
+        copies += 65 * encoded_bytes  # its segment decoder expands a segment before checking its size
+    elif copies:
+        copies += 4 * raw  # the codec's image and bytes, colour conversion or bit unpacking temporaries
+    if uid == DeflatedExplicitVRLittleEndian:
+        copies += 4 * encoded_bytes + raw  # the whole inflated dataset
+    luts = any(k in ds for k in ("RescaleSlope", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
+    photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
+    return ImageHeader("dicom", columns, rows, samples, sample, photometric, copies, LUT_BYTES if luts else 8)
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> UID:
+    """A syntax that is not one, or whose codec is not installed, is unsupported, not corrupt."""
+    uid, known = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None, False
+    with contextlib.suppress(ValueError):  # pydicom cannot tell the type of private UIDs
+        known = isinstance(uid, UID) and uid.is_transfer_syntax
+    if not isinstance(uid, UID) or not known:
+        raise ImageDecodeError("unsupported", f"DICOM transfer syntax {str(uid)[:64]!r} is not one we "
+                                              "decode; re-export the image uncompressed or as PNG")
+    decoder = get_decoder(uid)  # every transfer syntax pydicom knows has one
+    if not decoder.is_available:
+        raise ImageDecodeError(
+            "unsupported", f"DICOM transfer syntax {uid.name} needs a decoder that is not installed: "
+            f"{'; '.join(decoder.missing_dependencies)}. Re-export the image uncompressed or as PNG.")
+    return uid
+
+
+def _viewable(ds: pydicom.Dataset, uid: UID) -> bool:
+    """Whether pydicom can give the pixel data as a view of the file's bytes: uncompressed, whole
+    bytes per sample, no colour conversion, not byte-swapped 8-bit big endian."""
+    bits = _whole(ds, "BitsAllocated", 16)
+    ybr = (_text(ds, "PhotometricInterpretation") or "").startswith("YBR")
+    return (get_decoder(uid).is_native and uid != DeflatedExplicitVRLittleEndian and bits % 8 == 0
+            and (uid.is_little_endian or bits > 8) and not ybr)
+
+
+def _decode_dicom(data: bytes, max_pixels: int, max_side: int | None) -> DecodedImage:
+    ds = _read_dicom(data, max_pixels, pixels=True)
+    header = _dicom_header(ds, len(data), max_pixels)
+    raw, unused = _dicom_raw(ds, data, header)
+    factor = reduction_factor(header.width, header.height, max_side)
+    if factor > 1:  # before the LUTs: they are meant for stored values, and cost least on few pixels
+        rows = lambda top, bottom: _stored(raw[top:bottom], unused)  # noqa: E731
+        raw, unused = _block_mean(rows, header.height, factor, raw.dtype), 0
+    pixels = _dicom_float(raw, unused, ds, header.mode)
+    return _decoded(pixels, "dicom", header.width, header.height, _text(ds, "PatientID"))
+
+
+def _dicom_raw(ds: pydicom.Dataset, data: bytes, header: ImageHeader) -> tuple[np.ndarray, int]:
+    """The stored values, (rows, columns[, 3]), and how many unused high bits they still hold.
+    Uncompressed pixel data is a read-only view of `data` whose unused bits are cleared one band
+    at a time later (pydicom would copy the whole image to do it); the rest goes through pydicom."""
+    uid, element = _transfer_syntax(ds), ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if element is None:
+        raise ImageDecodeError("corrupt", "the DICOM file has no pixel data")
+    if isinstance(element, RawDataElement) and element.value is None and _viewable(ds, uid):
+        start, end = element.value_tell, element.value_tell + element.length  # deferred: never read
+        options = as_pixel_options(ds, pixel_keyword="PixelData", view_only=True, pixel_vr=element.VR,
+                                   correct_unused_bits=False)
+        raw, _ = get_decoder(uid).as_array(memoryview(data)[start:end], **options)
+        unused = max(0, int(options["bits_allocated"]) - int(options["bits_stored"]))
+    else:
+        raw, unused = ds.pixel_array, 0
+    expected = (header.height, header.width) + ((3,) if header.channels == 3 else ())
+    if raw.shape != expected:
+        raise ImageDecodeError("corrupt", f"the DICOM pixel data decodes to {raw.shape}, not {expected}")
+    return raw, unused
+
+
+def _stored(values: np.ndarray, unused: int) -> np.ndarray:
+    """`values` with their `unused` high bits cleared (sign-extended if signed), as pydicom does."""
+    if not unused:
+        return values
+    values = values << unused
+    np.right_shift(values, unused, out=values)
+    return values
+
+
+def _dicom_float(raw: np.ndarray, unused: int, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
+    if raw.ndim == 3:  # colour (e.g. RGB fundus), samples last; planar data made pixel-interleaved
+        if raw.dtype != np.uint8:
+            return _minmax(_stored(raw, unused).astype(np.float32, order="C"))
+        return np.divide(raw, np.float32(255), out=np.empty(raw.shape, np.float32))
+    grey = _dicom_grey(raw, unused, ds)
+    if photometric == "MONOCHROME1":  # high values are dark: invert to the usual display
+        np.subtract(1.0, grey, out=grey)
+    return grey_to_rgb(grey)
+
+
+def _dicom_grey(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndarray:
+    """The modality LUT, then the VOI window or LUT with its output range scaled to [0, 1] (keeps
+    the window's meaning: below it black, above it white); without a usable VOI the actual range.
+    Band by band: pydicom's LUTs make several float64 copies of what they are given."""
+    out, voi = np.empty(raw.shape, np.float32), _voi_range(ds)
+    if voi is not None:
+        low, high = voi
+        try:
+            _in_bands(raw, unused, out, lambda band: _windowed(band, ds, low, high))
+        except Exception:  # malformed VOI data: as without a VOI
+            voi = None
+    if voi is None:
+        _in_bands(raw, unused, out, lambda band: apply_modality_lut(band, ds).astype(np.float32))
+    return _minmax(out) if voi is None or voi[1] <= voi[0] else out
+
+
+def _voi_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """What the VOI gives far below and far above any input; None without a usable VOI."""
+    if "VOILUTSequence" not in ds and not ("WindowCenter" in ds and "WindowWidth" in ds):
+        return None
+    with contextlib.suppress(Exception):  # malformed VOI attributes: no VOI
+        low, high = sorted(apply_voi_lut(np.array([-(2**31), 2**31 - 1], dtype=np.int64), ds).tolist())
+        return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+    return None
+
+
+def _windowed(band: np.ndarray, ds: pydicom.Dataset, low: float, high: float) -> np.ndarray:
+    windowed = apply_voi_lut(apply_modality_lut(band, ds), ds).astype(np.float64)
+    if high <= low:
+        return windowed.astype(np.float32)
+    return np.clip((windowed - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def _in_bands(raw: np.ndarray, unused: int, out: np.ndarray, transform: Callable[[np.ndarray], np.ndarray]
+              ) -> None:
+    rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
+    for top in range(0, raw.shape[0], rows):
+        out[top : top + rows] = transform(_stored(raw[top : top + rows], unused))
+
+
+def decode_memory_bytes(header: ImageHeader, max_side: int | None) -> int:
+    """Upper bound of the peak working memory decode_image(data, ..., max_side) needs for the
+    image `header` describes, the DecodedImage it returns included (the input bytes not)."""
+    factor = reduction_factor(header.width, header.height, max_side)
+    work = _dicom_memory(header, factor) if header.format == "dicom" else _pil_memory(header, factor)
+    return OVERHEAD_BYTES + (header.codec_bytes + work) * 9 // 8  # 1/8: allocator and library slack
+
+
+def _pixels(width: int, height: int, factor: int) -> int:
+    return -(-width // factor) * -(-height // factor)
+
+
+def _pil_memory(header: ImageHeader, factor: int) -> int:
+    """The decoded image, its conversion and reduction, tobytes() (chunks and join) and floats."""
+    width, height, mode = header.width, header.height, header.mode
+    packed = header.channels * header.bytes_per_sample
+    stored = packed if header.channels == 1 else 4
+    if mode in WIDE_MODES:  # the whole array, or one band of rows at a time
+        work = width * height * (2 * packed + 4) if factor == 1 else (
+            _pixels(width, height, factor) * 4 + min(factor, height) * width * (stored + 2 * packed + 16))
+        return width * height * stored + work
+    grey = mode in GREY_MODES
+    drafted = _jpeg_draft_scale(width, height, factor) if header.format == "jpeg" and factor > 1 else 1
+    loaded = _pixels(width, height, drafted)  # what libjpeg (DCT-scaled) or the codec decodes into
+    target = 1 if grey else 4  # bytes per pixel of the L or RGB image
+    converted = 0 if mode == ("L" if grey else "RGB") else loaded * target
+    final = _pixels(width, height, drafted * (factor // drafted))
+    reduced = final * target if factor // drafted > 1 else 0
+    return loaded * stored + converted + reduced + final * (1 if grey else 3) * (2 + 4)
+
+
+def _dicom_memory(header: ImageHeader, factor: int) -> int:
+    """Block means (a band of rows in float64), the float32 result, the LUTs' copies of one band."""
+    width, samples, item = header.width, header.channels, header.bytes_per_sample
+    final = _pixels(width, header.height, factor)
+    band = min(factor, header.height) * width  # stored pixels averaged at once
+    work = 0 if factor == 1 else final * samples * item + band * samples * (item + 24)
+    if samples == 3:  # a copy of the stored values, then the float32 result
+        return work + final * (item + 12)
+    return work + final * 4 + min(final, max(BAND_PIXELS, width)) * header.lut_bytes
