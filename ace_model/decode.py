@@ -197,23 +197,51 @@ def _decoded(pixels: np.ndarray, image_format: str, width: int, height: int, pat
     return DecodedImage(pixels, image_format, patient, original)
 
 
-def _block_mean(rows: Callable[[int, int], np.ndarray], height: int, factor: int, dtype: np.dtype
-                ) -> np.ndarray:
+def _block_mean(rows: Callable[[int, int], np.ndarray], height: int, width: int, factor: int,
+                dtype: np.dtype) -> np.ndarray:
     """Means of factor x factor blocks (partial ones at the right and bottom edges) of an image
-    read through `rows(top, bottom)` one band at a time, so float64 work stays one band's size.
+    read through `rows(top, bottom)` one band of whole blocks at a time (_band_rows), so the
+    float64 sums stay one band's size.
     Integer dtypes get the means rounded, so LUTs meant for the stored values still apply."""
+    band_rows = _band_rows(width, height, factor)
+    col_counts = np.diff(np.append(np.arange(0, width, factor), width))
     out: np.ndarray | None = None
-    for row, top in enumerate(range(0, height, factor)):
-        band = rows(top, min(top + factor, height))  # (r, W[, C])
-        starts = np.arange(0, band.shape[1], factor)
-        sums = np.add.reduceat(band.sum(axis=0, dtype=np.float64), starts, axis=0)
-        counts = np.diff(np.append(starts, band.shape[1])) * band.shape[0]
-        means = sums / counts.reshape(-1, *([1] * (sums.ndim - 1)))
+    for top in range(0, height, band_rows):
+        band = rows(top, min(top + band_rows, height))  # (r, W[, C])
+        row_counts = np.diff(np.append(np.arange(0, band.shape[0], factor), band.shape[0]))
+        sums = _block_sums(band, factor)
+        counts = np.outer(row_counts, col_counts)
+        means = sums / counts.reshape(*counts.shape, *([1] * (sums.ndim - 2)))
         if out is None:
-            out = np.empty((-(-height // factor), *means.shape), dtype)
-        out[row] = np.rint(means) if np.issubdtype(dtype, np.integer) else means
+            out = np.empty((-(-height // factor), *means.shape[1:]), dtype)
+        first = top // factor
+        out[first : first + len(means)] = np.rint(means) if np.issubdtype(dtype, np.integer) else means
     assert out is not None
     return out
+
+
+def _block_sums(band: np.ndarray, factor: int) -> np.ndarray:
+    """(r, W[, C]) -> float64 sums of its factor x factor blocks, (ceil(r / f), ceil(W / f)[, C]):
+    strided adds, ~10x faster than np.add.reduceat casting integers."""
+    rows = band[0::factor].astype(np.float64)
+    for k in range(1, factor):
+        part = band[k::factor]
+        rows[: len(part)] += part
+    sums = rows[:, 0::factor].copy()
+    for k in range(1, factor):
+        part = rows[:, k::factor]
+        sums[:, : part.shape[1]] += part
+    return sums
+
+
+def _band_rows(width: int, height: int, factor: int) -> int:
+    """Rows _block_mean reads at once: whole blocks, about BAND_PIXELS, at most 1/32 of the image
+    (so a reduced decode never needs more memory than a full one)."""
+    return factor * max(1, min(BAND_PIXELS // (factor * width), height // (32 * factor)))
+
+
+def _band_pixels(width: int, height: int, factor: int) -> int:
+    return min(height, _band_rows(width, height, factor)) * width
 
 
 def _open_pil(data: bytes, max_pixels: int) -> tuple[Image.Image, ImageHeader]:
@@ -255,7 +283,7 @@ def _pil_pixels(image: Image.Image, factor: int) -> np.ndarray:
             return grey_to_rgb(_minmax(np.require(np.asarray(image, dtype=np.float32), requirements="W")))
         width = image.width
         values = _block_mean(lambda top, bottom: np.asarray(image.crop((0, top, width, bottom))),
-                             image.height, factor, np.dtype(np.float32))
+                             image.height, width, factor, np.dtype(np.float32))
         return grey_to_rgb(_minmax(values))
     grey = image.mode in GREY_MODES
     if image.mode != ("L" if grey else "RGB"):
@@ -362,7 +390,7 @@ def _decode_dicom(data: bytes, max_pixels: int, max_side: int | None) -> Decoded
     factor = reduction_factor(header.width, header.height, max_side)
     if factor > 1:  # before the LUTs: they are meant for stored values, and cost least on few pixels
         rows = lambda top, bottom: _stored(raw[top:bottom], unused)  # noqa: E731
-        raw, unused = _block_mean(rows, header.height, factor, raw.dtype), 0
+        raw, unused = _block_mean(rows, header.height, header.width, factor, raw.dtype), 0
     pixels = _dicom_float(raw, unused, ds, header.mode)
     return _decoded(pixels, "dicom", header.width, header.height, _text(ds, "PatientID"))
 
@@ -467,7 +495,8 @@ def _pil_memory(header: ImageHeader, factor: int) -> int:
     stored = packed if header.channels == 1 else 4
     if mode in WIDE_MODES:  # the whole array, or one band of rows at a time
         work = width * height * (2 * packed + 4) if factor == 1 else (
-            _pixels(width, height, factor) * 4 + min(factor, height) * width * (stored + 2 * packed + 16))
+            _pixels(width, height, factor) * 4
+            + _band_pixels(width, height, factor) * (stored + 2 * packed + 16))
         return width * height * stored + work
     grey = mode in GREY_MODES
     drafted = _jpeg_draft_scale(width, height, factor) if header.format == "jpeg" and factor > 1 else 1
@@ -483,7 +512,7 @@ def _dicom_memory(header: ImageHeader, factor: int) -> int:
     """Block means (a band of rows in float64), the float32 result, the LUTs' copies of one band."""
     width, samples, item = header.width, header.channels, header.bytes_per_sample
     final = _pixels(width, header.height, factor)
-    band = min(factor, header.height) * width  # stored pixels averaged at once
+    band = _band_pixels(width, header.height, factor)  # stored pixels averaged at once
     work = 0 if factor == 1 else final * samples * item + band * samples * (item + 24)
     if samples == 3:  # a copy of the stored values, then the float32 result
         return work + final * (item + 12)

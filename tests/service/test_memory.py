@@ -125,5 +125,7 @@ def test_peak_rss_under_16_concurrent_worst_case_requests_stays_within_the_budge
         with ThreadPoolExecutor(CLIENTS) as pool:
             statuses = list(pool.map(lambda _: worst_case(), range(CLIENTS)))
         growth_mb = peak.stop_mb() - baseline_mb
+    print(f"peak RSS growth under {CLIENTS} concurrent worst-case requests: {growth_mb:.0f} MB "
+          f"(budget {BUDGET_MB} MB)")  # shown with pytest -s; recorded in benchmarks/hardening.md
     assert statuses == [200] * CLIENTS
     assert growth_mb <= BUDGET_MB + SLACK_MB, f"peak RSS grew {growth_mb:.0f} MB, budget {BUDGET_MB} MB"
