@@ -4,7 +4,7 @@ service maps to a status code, and a message the sender can act on).
 Every image becomes float32 (H, W, 3) in [0, 1]: 8-bit data / 255, 16-bit, float and DICOM images
 min-max scaled over their range (DICOM after its modality and VOI LUTs, MONOCHROME1 inverted), grey
 as a read-only 3-channel view. `max_side` reduces while decoding by an integer factor; `width` and
-`height` stay the original size. `peek_image` reads headers only; `decode_memory_bytes` bounds what
+`height` stay the original size. `peek_image` reads headers only; `ace_model.decode_memory` bounds what
 decoding will need. Pillow, pydicom and their codecs raise almost any exception type on crafted
 files, so both entry points catch `Exception` at their boundary: a failure refuses the image.
 """
@@ -43,7 +43,6 @@ BAND_PIXELS = 1 << 16  # DICOM LUTs run on bands of rows this large: their float
 LUT_BYTES = 48  # per pixel of a band: pydicom's LUTs and the window copy it (measured: up to 32)
 PIXEL_DATA = Tag(0x7FE00010)
 MAX_SAMPLE_BYTES = 12  # per pixel, the most a supported image holds (3 x 32 bits): the inflate bound
-OVERHEAD_BYTES = 2 << 20  # parsers' objects, read buffers and allocator slack, whatever the image size
 
 
 class ImageDecodeError(InputError):
@@ -240,7 +239,7 @@ def _band_rows(width: int, height: int, factor: int) -> int:
     return factor * max(1, min(BAND_PIXELS // (factor * width), height // (32 * factor)))
 
 
-def _band_pixels(width: int, height: int, factor: int) -> int:
+def band_pixels(width: int, height: int, factor: int) -> int:
     return min(height, _band_rows(width, height, factor)) * width
 
 
@@ -269,12 +268,6 @@ def _decode_pil(data: bytes, max_pixels: int, max_side: int | None) -> DecodedIm
         factor //= 1 if drafted is None else round(width / drafted[1][2])  # what is left for reduce()
     image.load()
     return _decoded(_pil_pixels(image, factor), header.format, header.width, header.height)
-
-
-def _jpeg_draft_scale(width: int, height: int, factor: int) -> int:
-    """The DCT scale (1, 2, 4 or 8, <= factor) Pillow's draft picks for decode_image's request."""
-    scale = min(width // -(-width // factor), height // -(-height // factor))
-    return next(s for s in (8, 4, 2, 1) if s <= scale)
 
 
 def _pil_pixels(image: Image.Image, factor: int) -> np.ndarray:
@@ -474,46 +467,3 @@ def _in_bands(raw: np.ndarray, unused: int, out: np.ndarray, transform: Callable
     rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
     for top in range(0, raw.shape[0], rows):
         out[top : top + rows] = transform(_stored(raw[top : top + rows], unused))
-
-
-def decode_memory_bytes(header: ImageHeader, max_side: int | None) -> int:
-    """Upper bound of the peak working memory decode_image(data, ..., max_side) needs for the
-    image `header` describes, the DecodedImage it returns included (the input bytes not)."""
-    factor = reduction_factor(header.width, header.height, max_side)
-    work = _dicom_memory(header, factor) if header.format == "dicom" else _pil_memory(header, factor)
-    return OVERHEAD_BYTES + (header.codec_bytes + work) * 9 // 8  # 1/8: allocator and library slack
-
-
-def _pixels(width: int, height: int, factor: int) -> int:
-    return -(-width // factor) * -(-height // factor)
-
-
-def _pil_memory(header: ImageHeader, factor: int) -> int:
-    """The decoded image, its conversion and reduction, tobytes() (chunks and join) and floats."""
-    width, height, mode = header.width, header.height, header.mode
-    packed = header.channels * header.bytes_per_sample
-    stored = packed if header.channels == 1 else 4
-    if mode in WIDE_MODES:  # the whole array, or one band of rows at a time
-        work = width * height * (2 * packed + 4) if factor == 1 else (
-            _pixels(width, height, factor) * 4
-            + _band_pixels(width, height, factor) * (stored + 2 * packed + 16))
-        return width * height * stored + work
-    grey = mode in GREY_MODES
-    drafted = _jpeg_draft_scale(width, height, factor) if header.format == "jpeg" and factor > 1 else 1
-    loaded = _pixels(width, height, drafted)  # what libjpeg (DCT-scaled) or the codec decodes into
-    target = 1 if grey else 4  # bytes per pixel of the L or RGB image
-    converted = 0 if mode == ("L" if grey else "RGB") else loaded * target
-    final = _pixels(width, height, drafted * (factor // drafted))
-    reduced = final * target if factor // drafted > 1 else 0
-    return loaded * stored + converted + reduced + final * (1 if grey else 3) * (2 + 4)
-
-
-def _dicom_memory(header: ImageHeader, factor: int) -> int:
-    """Block means (a band of rows in float64), the float32 result, the LUTs' copies of one band."""
-    width, samples, item = header.width, header.channels, header.bytes_per_sample
-    final = _pixels(width, header.height, factor)
-    band = _band_pixels(width, header.height, factor)  # stored pixels averaged at once
-    work = 0 if factor == 1 else final * samples * item + band * samples * (item + 24)
-    if samples == 3:  # a copy of the stored values, then the float32 result
-        return work + final * (item + 12)
-    return work + final * 4 + min(final, max(BAND_PIXELS, width)) * header.lut_bytes

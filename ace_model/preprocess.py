@@ -28,12 +28,12 @@ from ace_model.decode import (
     ImageDecodeError,
     ImageHeader,
     decode_image,
-    decode_memory_bytes,
     grey_to_rgb,
     load_image,
     peek_image,
     reduction_factor,
 )
+from ace_model.decode_memory import decode_memory_bytes
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

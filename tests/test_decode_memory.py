@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ace_model.decode import OVERHEAD_BYTES
+from ace_model.decode_memory import OVERHEAD_BYTES
 from ace_model.preprocess import decode_image, decode_memory_bytes, peek_image
 from tests.decode_fuzz_corpus import FORMATS, sample_image
 
