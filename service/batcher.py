@@ -93,6 +93,7 @@ class Batcher:
         size = encoder.spec.img_size
         future: concurrent.futures.Future[Embedded] = concurrent.futures.Future()
         with self._cond:  # beyond queue_size on purpose: a warm-up is never refused
+            self._check_running()
             self._queue.append(_Item(torch.zeros(3, size, size), encoder, future, None))
             self._cond.notify()
         future.result(timeout=timeout_s)
@@ -106,6 +107,7 @@ class Batcher:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        self._fail_queued(WorkerDownError("the service is shutting down"))
 
     async def embed(self, tensors: list[torch.Tensor], encoder: Encoder) -> list[Embedded]:
         """Embed the images together with whatever else is queued; QueueFullError when full."""
@@ -113,21 +115,40 @@ class Batcher:
         futures: list[asyncio.Future[Embedded]] = [loop.create_future() for _ in tensors]
         items = [_Item(t, encoder, f, loop) for t, f in zip(tensors, futures, strict=True)]
         with self._cond:
-            if self._stopping:
-                raise WorkerDownError("the service is shutting down")
-            if not self._thread.is_alive():
-                raise WorkerDownError("the inference worker is not running; the service needs a restart")
+            self._check_running()
             if len(self._queue) + len(items) > self.config.queue_size:
                 raise QueueFullError(
                     f"the inference queue is full ({len(self._queue)} images waiting); retry later"
                 )
             self._queue.extend(items)
             self._cond.notify()
-        return list(await asyncio.gather(*futures))
+        try:  # a stuck forward pass must not hold this request (and its memory reservation) forever
+            async with asyncio.timeout(self.config.stall_s):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError as err:
+            raise WorkerDownError(f"no answer from the inference worker within {self.config.stall_s:.0f} s "
+                                  "(ACE_WORKER_STALL_S)") from err
+
+    def _check_running(self) -> None:
+        """Call holding self._cond."""
+        if self._stopping:
+            raise WorkerDownError("the service is shutting down")
+        if not self._thread.is_alive():
+            raise WorkerDownError("the inference worker is not running; the service needs a restart")
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._process(batch)
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._process(batch)
+        finally:  # however the thread ends, nothing queued is left waiting for it
+            self._fail_queued(WorkerDownError("the inference worker stopped; the service needs a restart"))
+
+    def _fail_queued(self, err: WorkerDownError) -> None:
+        with self._cond:
+            stranded = list(self._queue)
+            self._queue.clear()
+        for item in stranded:
+            _resolve(item, err)
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -151,21 +172,23 @@ class Batcher:
         return batch
 
     def _process(self, batch: list[_Item]) -> None:
+        try:
+            results = self._embedded(batch)
+        except Exception as err:  # the worker must survive; each caller gets the error
+            results = [err] * len(batch)
+        for item, outcome in zip(batch, results, strict=True):
+            _resolve(item, outcome)
+
+    def _embedded(self, batch: list[_Item]) -> list[Embedded | Exception]:
         self._observe(len(batch), len(self._queue))
         started = self._busy_since = time.perf_counter()
         try:
             out = self.forward(torch.stack([item.tensor for item in batch]), batch[0].encoder)
-        except Exception as err:  # the worker must survive; each caller gets the error
-            for item in batch:
-                _resolve(item, err)
-            return
         finally:
             self._busy_since = None
         inference_ms = (time.perf_counter() - started) * 1000
-        for n, item in enumerate(batch):
-            queue_ms = (started - item.enqueued) * 1000
-            fine = None if out.fine is None else out.fine[n]
-            _resolve(item, Embedded(out.patches[n], queue_ms, inference_ms, fine))
+        return [Embedded(out.patches[n], (started - item.enqueued) * 1000, inference_ms,
+                         None if out.fine is None else out.fine[n]) for n, item in enumerate(batch)]
 
     def forward(self, images: torch.Tensor, encoder: Encoder) -> Embeddings:
         """(B, 3, S, S) -> Embeddings, float32 on the CPU. Call from the worker (or `prepare`)."""
@@ -197,6 +220,8 @@ def _resolve(item: _Item, outcome: Embedded | Exception) -> None:
 
 
 def _settle_thread_future(future: concurrent.futures.Future[Embedded], outcome: Embedded | Exception) -> None:
+    if future.done():  # failed already (the worker stopping) or given up on
+        return
     if isinstance(outcome, Exception):
         future.set_exception(outcome)
     else:

@@ -23,7 +23,7 @@ class MemoryBudget:
         self.capacity = capacity_bytes
         self.wait_s = wait_s
         self.reserved = 0  # bytes held by requests being decoded or answered
-        self._turns: asyncio.Condition | None = None  # made on first use, inside the event loop
+        self._released: asyncio.Event | None = None  # set (and replaced) whenever bytes come back
 
     @contextlib.asynccontextmanager
     async def reserve(self, nbytes: int, what: str) -> AsyncIterator[None]:
@@ -36,27 +36,27 @@ class MemoryBudget:
         try:
             yield
         finally:
-            await self._release(nbytes)
+            self._release(nbytes)  # no await: a cancelled request cannot skip it
 
     async def _acquire(self, nbytes: int) -> None:
-        turns = self._condition()
-        async with turns:
-            try:
-                await asyncio.wait_for(turns.wait_for(lambda: self.reserved + nbytes <= self.capacity),
-                                       timeout=self.wait_s)
-            except TimeoutError as err:
-                raise ApiError(429, f"the image memory budget is in use ({self.reserved // MB} of "
-                                    f"{self.capacity // MB} MB); retry later",
-                               headers={"Retry-After": "2"}) from err
-            self.reserved += nbytes
+        # one event loop thread: the check and the increment below run with no await between them
+        try:
+            async with asyncio.timeout(self.wait_s):
+                while self.reserved + nbytes > self.capacity:
+                    await self._release_event().wait()
+        except TimeoutError as err:
+            raise ApiError(429, f"the image memory budget is in use ({self.reserved // MB} of "
+                                f"{self.capacity // MB} MB); retry later",
+                           headers={"Retry-After": "2"}) from err
+        self.reserved += nbytes
 
-    async def _release(self, nbytes: int) -> None:
-        turns = self._condition()
-        async with turns:
-            self.reserved -= nbytes
-            turns.notify_all()
+    def _release(self, nbytes: int) -> None:
+        self.reserved -= nbytes
+        released, self._released = self._released, None
+        if released is not None:
+            released.set()  # every waiter checks again whether it fits now
 
-    def _condition(self) -> asyncio.Condition:
-        if self._turns is None:
-            self._turns = asyncio.Condition()
-        return self._turns
+    def _release_event(self) -> asyncio.Event:
+        if self._released is None:
+            self._released = asyncio.Event()
+        return self._released

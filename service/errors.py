@@ -154,8 +154,9 @@ class RequestIdMiddleware:
             await self.app(scope, receive, with_id)
         except Exception:
             log.exception("request %s %s failed (request id %s)", scope.get("method"), scope.get("path"), rid)
-            if not started:
-                await _send_500(send, rid)
+            if started:  # too late for a 500: let the server close the connection as it sees fit
+                raise
+            await _send_500(send, rid)
 
 
 def _incoming_id(scope: Scope) -> str | None:

@@ -25,7 +25,7 @@ from service.budget import MB, MemoryBudget
 from service.config import Settings
 from service.errors import ApiError
 from service.main import create_app
-from tests.service.helpers import ADMIN, block_texture, build_index, png_bytes, running_server
+from tests.service.helpers import ADMIN, block_texture, build_index, png_bytes, running_server, wait_for
 
 IMAGE = png_bytes(block_texture(3, 96, 80))
 
@@ -163,7 +163,43 @@ def test_ready_turns_503_while_one_forward_pass_is_stuck(settings_for: Callable[
         release.set()
         waiting.join(30)
         assert ready.status_code == 503 and "forward pass" in ready.json()["detail"]
-        assert client.get("/ready").status_code == 200
+        wait_for(lambda: client.get("/ready").status_code == 200, 10, "ready again once the pass ends")
+
+
+def test_a_stuck_forward_pass_answers_503_instead_of_holding_the_request(
+        settings_for: Callable[..., Settings]) -> None:
+    app = create_app(settings_for(worker_stall_s=0.5))
+    with TestClient(app) as client:
+        batcher = _state(app).batcher
+        release = threading.Event()
+        forward = batcher.forward
+
+        def stuck(images: torch.Tensor, encoder: object) -> object:
+            release.wait(30)
+            return forward(images, encoder)
+
+        batcher.forward = stuck
+        started = time.monotonic()
+        refused = match(client)
+        release.set()
+        assert refused.status_code == 503 and "ACE_WORKER_STALL_S" in refused.json()["detail"]
+        assert time.monotonic() - started < 10
+        assert _state(app).budget.reserved == 0  # its memory reservation went with it
+
+
+def test_warm_up_after_stop_fails_at_once_instead_of_waiting(settings_for: Callable[..., Settings],
+                                                             encoder_dir: Path) -> None:
+    from ace_model.encoder import load_encoder
+    from service.batcher import WorkerDownError
+
+    app = create_app(settings_for())
+    with TestClient(app):
+        batcher = _state(app).batcher
+        batcher.stop()
+        started = time.monotonic()
+        with pytest.raises(WorkerDownError):
+            batcher.prepare(load_encoder(encoder_dir))
+        assert time.monotonic() - started < 5
 
 
 def test_a_new_encoder_is_warmed_up_on_the_worker_thread(settings_for: Callable[..., Settings],
