@@ -21,6 +21,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ace_model.encoder import Embeddings, Encoder
+from service.batcher import Batcher
 from service.budget import MB, MemoryBudget
 from service.config import Settings
 from service.errors import ApiError
@@ -144,18 +146,23 @@ def test_ready_turns_503_when_the_worker_thread_dies(settings_for: Callable[...,
         assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
 
 
+def stick(batcher: Batcher) -> threading.Event:
+    """Make the worker's next forward passes wait until the returned event is set."""
+    release = threading.Event()
+    forward = batcher.forward
+
+    def stuck(images: torch.Tensor, encoder: Encoder) -> Embeddings:
+        release.wait(30)
+        return forward(images, encoder)
+
+    batcher.forward = stuck  # type: ignore[method-assign]
+    return release
+
+
 def test_ready_turns_503_while_one_forward_pass_is_stuck(settings_for: Callable[..., Settings]) -> None:
     app = create_app(settings_for(worker_stall_s=0.3))
     with TestClient(app) as client:
-        batcher = _state(app).batcher
-        release = threading.Event()
-        forward = batcher.forward
-
-        def stuck(images: torch.Tensor, encoder: object) -> object:
-            release.wait(30)
-            return forward(images, encoder)
-
-        batcher.forward = stuck
+        release = stick(_state(app).batcher)
         waiting = threading.Thread(target=match, args=(client,))
         waiting.start()
         time.sleep(1.0)
@@ -170,15 +177,7 @@ def test_a_stuck_forward_pass_answers_503_instead_of_holding_the_request(
         settings_for: Callable[..., Settings]) -> None:
     app = create_app(settings_for(worker_stall_s=0.5))
     with TestClient(app) as client:
-        batcher = _state(app).batcher
-        release = threading.Event()
-        forward = batcher.forward
-
-        def stuck(images: torch.Tensor, encoder: object) -> object:
-            release.wait(30)
-            return forward(images, encoder)
-
-        batcher.forward = stuck
+        release = stick(_state(app).batcher)
         started = time.monotonic()
         refused = match(client)
         release.set()
