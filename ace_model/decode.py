@@ -105,10 +105,19 @@ def peek_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader
     """The header of an image, its pixels not decoded; refused with the kinds decode_image uses."""
     with _refusing(data, max_pixels):
         if _is_dicom(data):
-            return _dicom_header(_read_dicom(data, max_pixels, pixels=False), len(data), max_pixels)
+            return _dicom_header(*_read_dicom(data, max_pixels, pixels=False), len(data), max_pixels)
         image, header = _open_pil(data, max_pixels)
         image.close()
         return header
+
+
+def inflated_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The size of a deflated DICOM's inflated dataset, measured without holding it (pydicom inflates
+    it whole, even to read the header: peek_image needs about twice this); 0 for other files."""
+    if not (_is_dicom(data) and DeflatedExplicitVRLittleEndian.encode() in data[:65536]):
+        return 0
+    with _refusing(data, max_pixels):
+        return _check_inflated_size(data, max_pixels * MAX_SAMPLE_BYTES + (1 << 20))
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
@@ -288,13 +297,13 @@ def _pil_pixels(image: Image.Image, factor: int) -> np.ndarray:
     return grey_to_rgb(values) if grey else values
 
 
-def _read_dicom(data: bytes, max_pixels: int, pixels: bool) -> pydicom.Dataset:
-    if DeflatedExplicitVRLittleEndian.encode() in data[:65536]:
-        _check_inflated_size(data, max_pixels * MAX_SAMPLE_BYTES + (1 << 20))
-    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels, defer_size=DEFER_BYTES)
+def _read_dicom(data: bytes, max_pixels: int, pixels: bool) -> tuple[pydicom.Dataset, int]:
+    """The dataset and its inflated size (0 unless deflated)."""
+    inflated = inflated_bytes(data, max_pixels)
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels, defer_size=DEFER_BYTES), inflated
 
 
-def _check_inflated_size(data: bytes, limit: int) -> None:
+def _check_inflated_size(data: bytes, limit: int) -> int:
     """pydicom inflates a deflated dataset whole, however large (a zip bomb): measure it first."""
     group, element, vr, _, meta_length = struct.unpack_from("<HH2sHI", data, 132)
     if (group, element, vr) != (2, 0, b"UL"):
@@ -306,6 +315,7 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
             size, pending = size + len(chunk), inflater.unconsumed_tail
     if size > limit:
         raise ImageDecodeError("too_large", f"the deflated DICOM data inflates beyond {limit} bytes")
+    return size
 
 
 def _whole(ds: pydicom.Dataset, keyword: str, default: int) -> int:
@@ -325,7 +335,7 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return None
 
 
-def _dicom_header(ds: pydicom.Dataset, encoded_bytes: int, max_pixels: int) -> ImageHeader:
+def _dicom_header(ds: pydicom.Dataset, inflated: int, encoded_bytes: int, max_pixels: int) -> ImageHeader:
     frames = _whole(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise ImageDecodeError("multiframe", f"multi-frame DICOM ({frames} frames) is not supported")
@@ -345,7 +355,7 @@ def _dicom_header(ds: pydicom.Dataset, encoded_bytes: int, max_pixels: int) -> I
     elif copies:
         copies += 4 * raw  # the codec's image and bytes, colour conversion or bit unpacking temporaries
     if uid == DeflatedExplicitVRLittleEndian:
-        copies += 4 * encoded_bytes + raw  # the whole inflated dataset
+        copies += 2 * inflated + raw  # the whole inflated dataset, and pydicom's copy of it
     luts = any(k in ds for k in ("RescaleSlope", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     return ImageHeader("dicom", columns, rows, samples, sample, photometric, copies, LUT_BYTES if luts else 8)
@@ -377,8 +387,8 @@ def _viewable(ds: pydicom.Dataset, uid: UID) -> bool:
 
 
 def _decode_dicom(data: bytes, max_pixels: int, max_side: int | None) -> DecodedImage:
-    ds = _read_dicom(data, max_pixels, pixels=True)
-    header = _dicom_header(ds, len(data), max_pixels)
+    ds, inflated = _read_dicom(data, max_pixels, pixels=True)
+    header = _dicom_header(ds, inflated, len(data), max_pixels)
     raw, unused = _dicom_raw(ds, data, header)
     factor = reduction_factor(header.width, header.height, max_side)
     if factor > 1:  # before the LUTs: they are meant for stored values, and cost least on few pixels

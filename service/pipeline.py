@@ -28,6 +28,7 @@ from ace_model.preprocess import (
     ImageHeader,
     decode_image,
     decode_memory_bytes,
+    inflated_bytes,
     peek_image,
 )
 from service.batcher import Embedded, QueueFullError, WorkerDownError
@@ -90,8 +91,13 @@ async def decoded(state: AppState, uploads: list[Upload], max_side: int,
 
 
 async def _peek(state: AppState, upload: Upload) -> ImageHeader:
+    """The upload's header. A deflated DICOM is inflated whole even for that, so its peek holds
+    a share of the budget too (measured first by streaming, without holding it)."""
+    max_pixels = state.settings.max_pixels
     try:
-        return await run_in_threadpool(peek_image, upload.data, state.settings.max_pixels)
+        inflated = await run_in_threadpool(inflated_bytes, upload.data, max_pixels)
+        async with state.budget.reserve(2 * inflated, f"the deflated DICOM in {upload.what}"):
+            return await run_in_threadpool(peek_image, upload.data, max_pixels)
     except ImageDecodeError as err:
         raise from_decode_error(err, upload.what) from err
 

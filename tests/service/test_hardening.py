@@ -310,3 +310,29 @@ def heatmap(client: httpx.Client, query: bytes, point: list[float]) -> dict:
                            data={"point": json.dumps(point), "image_ids": '["im1"]'})
     assert response.status_code == 200, response.text
     return response.json()["maps"][0]
+
+
+def deflated_dicom(private_mb: int) -> bytes:
+    """CT_small.dcm deflated, with a zero-filled private element of `private_mb` MB (a zip bomb:
+    pydicom inflates the whole dataset even to read its header)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    if private_mb:
+        ds.add_new(0x00091010, "OB", bytes(private_mb << 20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_a_deflated_dicom_is_inflated_within_the_budget(settings_for: Callable[..., Settings]) -> None:
+    bomb = deflated_dicom(100)
+    assert len(bomb) < 1 << 20  # 100 MB of zeros deflate to ~100 KB
+    with running_server(settings_for(memory_budget_mb=64)) as url, httpx.Client(base_url=url) as client:
+        fine = client.post("/preview", files=[("image", ("ct.dcm", deflated_dicom(0), "application/dicom"))])
+        assert fine.status_code == 200, fine.text
+        refused = client.post("/preview", files=[("image", ("ct.dcm", bomb, "application/dicom"))])
+        assert refused.status_code == 413 and "ACE_MEMORY_BUDGET_MB" in refused.json()["detail"]
