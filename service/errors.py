@@ -169,8 +169,21 @@ def _incoming_id(scope: Scope) -> str | None:
 
 async def _send_500(send: Send, rid: str) -> None:
     detail = f"internal error; it has been logged with request id {rid}: please report that id"
-    body = json.dumps({"detail": detail, "request_id": rid}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", rid.encode())]
-    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send_error(send, 500, detail, rid, [(b"x-request-id", rid.encode())])
+
+
+def error_body(detail: str, rid: str) -> bytes:
+    """The one error format, for answers sent below FastAPI's handlers."""
+    return json.dumps({"detail": detail, "request_id": rid}).encode()
+
+
+def json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+
+async def send_error(send: Send, status: int, detail: str, rid: str,
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """An error answer from ASGI middleware (no Request object there)."""
+    body = error_body(detail, rid)
+    await send({"type": "http.response.start", "status": status, "headers": [*json_headers(body), *headers]})
     await send({"type": "http.response.body", "body": body})

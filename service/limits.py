@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import send_error
 
 
 class BodyLimitMiddleware:
@@ -55,8 +55,5 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _send_413(send: Send, detail: str, scope: Scope) -> None:
-    body = json.dumps({"detail": detail, "request_id": scope.get("state", {}).get("request_id", "")}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    rid = scope.get("state", {}).get("request_id", "")
+    await send_error(send, 413, detail, rid, [(b"connection", b"close")])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import logging
 import uuid
 from typing import Any, ClassVar
@@ -31,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from service.config import ConnectionSettings
+from service.errors import error_body, json_headers
 
 PROTOCOL = "service.protocol:ConnectionLimitsProtocol"  # uvicorn's `http` import string
 LINGER_S = 2.0  # after a 408 / 431: how long what the client still sends is read and dropped
@@ -163,9 +163,8 @@ class ConnectionLimitsProtocol(H11Protocol):
 
     def _answer_and_close(self, status: int, detail: str) -> None:
         request_id = uuid.uuid4().hex
-        body = json.dumps({"detail": detail, "request_id": request_id}).encode()
-        headers = [*self.server_state.default_headers,
-                   (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        body = error_body(detail, request_id)
+        headers = [*self.server_state.default_headers, *json_headers(body),
                    (b"x-request-id", request_id.encode()), (b"connection", b"close")]
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
         head += [name + b": " + value for name, value in headers]
