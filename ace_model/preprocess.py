@@ -187,9 +187,10 @@ def to_pil(image: DecodedImage) -> Image.Image:
 
 def decode_side(img_size: int) -> int:
     """The longest side an image is decoded at before it becomes the input of an img_size encoder
-    (decode_image reduces by an integer factor while decoding, never below it). The index, the
-    service and `ace eval` all decode at this side, so an image embeds alike whichever path it
-    takes; it leaves room for the 4x second look and the 512 px thumbnail."""
+    (decode_image reduces by an integer factor while decoding, never below it). The index and the
+    service's /match and /heatmap decode at this side, so an image embeds alike whichever of them it
+    goes through; it leaves room for the 4x second look and the 512 px thumbnail. (`ace eval` warps
+    full-size images in memory and does not decode through it.)"""
     return max(LOOK_HEADROOM * img_size, THUMBNAIL_SIDE)
 
 
