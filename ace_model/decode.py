@@ -1,12 +1,15 @@
-"""Image decoding that cannot crash: bytes -> DecodedImage, or ImageDecodeError (a kind the
-service maps to a status code, and a message the sender can act on).
+"""Image decoding that cannot crash: bytes -> DecodedImage, or ImageDecodeError (a kind the service
+maps to a status code, and a message the sender can act on).
 
-Every image becomes float32 (H, W, 3) in [0, 1]: 8-bit data / 255, 16-bit, float and DICOM images
-min-max scaled over their range (DICOM after its modality and VOI LUTs, MONOCHROME1 inverted), grey
-as a read-only 3-channel view. `max_side` reduces while decoding by an integer factor; `width` and
-`height` stay the original size. `peek_image` reads headers only; `ace_model.decode_memory` bounds what
-decoding will need. Pillow, pydicom and their codecs raise almost any exception type on crafted
-files, so both entry points catch `Exception` at their boundary: a failure refuses the image.
+Every image becomes uint8 (H, W, 3): 8-bit data as stored; 16-bit, float and DICOM images min-max
+scaled over their range (DICOM after its modality and VOI LUTs, MONOCHROME1 inverted) and rounded to
+8 bits, grey as a read-only 3-channel view. 8 bits, because that is what a display shows, what
+Pillow resizes fastest and the least a request carries to the inference worker (issue 15);
+`DecodedImage.as_float()` gives [0, 1] floats where arithmetic needs them. `max_side` reduces while
+decoding by an integer factor; `width` and `height` stay the original size. `peek_image` reads
+headers only; `ace_model.decode_memory` bounds what decoding will need. Pillow, pydicom and their
+codecs raise almost any exception type on crafted files, so both entry points catch `Exception` at
+their boundary: a failure refuses the image.
 """
 
 from __future__ import annotations
@@ -32,30 +35,33 @@ from pydicom.pixels.utils import as_pixel_options
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 
-from ace_model.errors import InputError
+from ace_model.decode_arrays import (
+    BAND_PIXELS,
+    band_pixels,
+    block_mean,
+    finite_range,
+    minmax_u8,
+    stored_values,
+    to_u8,
+)
+from ace_model.errors import ImageDecodeError
+
+__all__ = ["BAND_PIXELS", "DecodedImage", "ImageDecodeError", "ImageHeader", "band_pixels", "decode_image",
+           "grey_to_rgb", "inflated_bytes", "load_image", "peek_image", "reduction_factor"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # refuse decompression bombs beyond 8k x 8k
 PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow's other plugins are attack surface we don't need
 GREY_MODES = ("L", "LA", "P", "1")  # 8-bit, read as grey
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # min-max scaled
 DEFER_BYTES = 4096  # dcmread leaves larger values unread (uncompressed pixel data is viewed in place)
-BAND_PIXELS = 1 << 16  # DICOM LUTs run on bands of rows this large: their float64 copies stay small
 LUT_BYTES = 48  # per pixel of a band: pydicom's LUTs and the window copy it (measured: up to 32)
 PIXEL_DATA = Tag(0x7FE00010)
 MAX_SAMPLE_BYTES = 12  # per pixel, the most a supported image holds (3 x 32 bits): the inflate bound
 
 
-class ImageDecodeError(InputError):
-    """Input that is not a usable image; kind: unsupported | corrupt | multiframe | too_large."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 @dataclass(frozen=True)
 class DecodedImage:
-    pixels: np.ndarray  # (h, w, 3) float32 in [0, 1]; grey: read-only view, channel stride 0
+    pixels: np.ndarray  # (h, w, 3) uint8; grey: read-only view, channel stride 0
     format: str  # png | jpeg | dicom | ...
     patient_id: str | None = None  # DICOM PatientID when present
     # (width, height) of the source when `pixels` were reduced while decoding; None: the pixels' size
@@ -68,6 +74,18 @@ class DecodedImage:
     @property
     def height(self) -> int:
         return self.original_size[1] if self.original_size else int(self.pixels.shape[0])
+
+    def __post_init__(self) -> None:
+        if self.pixels.dtype != np.uint8 or self.pixels.ndim != 3 or self.pixels.shape[2] != 3:
+            raise TypeError(f"DecodedImage pixels are (h, w, 3) uint8, got {self.pixels.shape} "
+                            f"{self.pixels.dtype}")
+
+    def as_float(self) -> np.ndarray:
+        """(h, w, 3) float32 in [0, 1] (grey stays a read-only view of one channel)."""
+        grey = self.pixels.strides[2] == 0
+        values = (self.pixels[:, :, 0] if grey else self.pixels).astype(np.float32)
+        values *= np.float32(1 / 255)
+        return grey_to_rgb(values) if grey else values
 
     @property
     def pixel_scale(self) -> tuple[float, float]:
@@ -87,6 +105,7 @@ class ImageHeader:
     mode: str  # Pillow's mode, or the DICOM PhotometricInterpretation
     codec_bytes: int = 0  # working memory of the format's decoder besides the image it decodes into
     lut_bytes: int = 0  # per pixel of one band of rows: the temporaries of the DICOM LUTs
+    signed: bool = False  # DICOM PixelRepresentation 1: stored values are signed
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
@@ -96,9 +115,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
         raise ValueError(f"max_side must be positive, got {max_side}")
     decode = _decode_dicom if _is_dicom(data) else _decode_pil
     with _refusing(data, max_pixels):
-        image = decode(data, max_pixels, max_side)
-        _check_pixels(image.pixels)
-    return image
+        return decode(data, max_pixels, max_side)
 
 
 def peek_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
@@ -132,7 +149,6 @@ def reduction_factor(width: int, height: int, max_side: int | None) -> int:
 
 def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     """(H, W) -> (H, W, 3) read-only view of the one channel (stride 0): copy a channel to write."""
-    grey = grey.astype(np.float32, copy=False)
     return np.broadcast_to(grey[:, :, None], (*grey.shape, 3))
 
 
@@ -172,84 +188,16 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
 
 
 def _check_pixels(pixels: np.ndarray) -> None:
-    """The promise every returned image keeps: (H, W, 3) float32 in [0, 1], H, W >= 2."""
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.float32 or min(pixels.shape[:2]) < 2:
+    """The promise every returned image keeps: (H, W, 3) uint8, H, W >= 2."""
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8 or min(pixels.shape[:2]) < 2:
         raise ImageDecodeError("corrupt", f"the image decodes to an unusable {pixels.shape} array")
-    low, high = _finite_range(pixels[:, :, 0] if pixels.strides[2] == 0 else pixels)
-    if low < 0 or high > 1:
-        raise ImageDecodeError("corrupt", f"the image decodes to values in [{low}, {high}], not [0, 1]")
-
-
-def _finite_range(values: np.ndarray) -> tuple[float, float]:
-    """NaN or infinite values (float TIFF, bad rescale) would make every similarity NaN."""
-    low, high = float(values.min()), float(values.max())  # NaN propagates through min and max
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ImageDecodeError("corrupt", "the image holds NaN or infinite pixel values")
-    return low, high
-
-
-def _minmax(values: np.ndarray) -> np.ndarray:
-    """Scale float32 `values` (owned by the caller) to [0, 1] over their range, in place."""
-    low, high = _finite_range(values)
-    if high <= low:
-        values[...] = 0
-        return values
-    values -= low
-    values /= high - low
-    return values
 
 
 def _decoded(pixels: np.ndarray, image_format: str, width: int, height: int, patient: str | None = None
              ) -> DecodedImage:
+    _check_pixels(pixels)
     original = None if pixels.shape[:2] == (height, width) else (width, height)
     return DecodedImage(pixels, image_format, patient, original)
-
-
-def _block_mean(rows: Callable[[int, int], np.ndarray], height: int, width: int, factor: int,
-                dtype: np.dtype) -> np.ndarray:
-    """Means of factor x factor blocks (partial ones at the right and bottom edges) of an image
-    read through `rows(top, bottom)` one band of whole blocks at a time (_band_rows), so the
-    float64 sums stay one band's size.
-    Integer dtypes get the means rounded, so LUTs meant for the stored values still apply."""
-    band_rows = _band_rows(width, height, factor)
-    col_counts = np.diff(np.append(np.arange(0, width, factor), width))
-    out: np.ndarray | None = None
-    for top in range(0, height, band_rows):
-        band = rows(top, min(top + band_rows, height))  # (r, W[, C])
-        row_counts = np.diff(np.append(np.arange(0, band.shape[0], factor), band.shape[0]))
-        sums = _block_sums(band, factor)
-        counts = np.outer(row_counts, col_counts)
-        means = sums / counts.reshape(*counts.shape, *([1] * (sums.ndim - 2)))
-        if out is None:
-            out = np.empty((-(-height // factor), *means.shape[1:]), dtype)
-        first = top // factor
-        out[first : first + len(means)] = np.rint(means) if np.issubdtype(dtype, np.integer) else means
-    assert out is not None
-    return out
-
-
-def _block_sums(band: np.ndarray, factor: int) -> np.ndarray:
-    """(r, W[, C]) -> float64 sums of its factor x factor blocks, (ceil(r / f), ceil(W / f)[, C]):
-    strided adds, ~10x faster than np.add.reduceat casting integers."""
-    rows = band[0::factor].astype(np.float64)
-    for k in range(1, factor):
-        part = band[k::factor]
-        rows[: len(part)] += part
-    sums = rows[:, 0::factor].copy()
-    for k in range(1, factor):
-        part = rows[:, k::factor]
-        sums[:, : part.shape[1]] += part
-    return sums
-
-
-def _band_rows(width: int, height: int, factor: int) -> int:
-    """Rows _block_mean reads at once: whole blocks, about BAND_PIXELS, at most 1/32 of the image
-    (so a reduced decode never needs more memory than a full one)."""
-    return factor * max(1, min(BAND_PIXELS // (factor * width), height // (32 * factor)))
-
-
-def band_pixels(width: int, height: int, factor: int) -> int:
-    return min(height, _band_rows(width, height, factor)) * width
 
 
 def _open_pil(data: bytes, max_pixels: int) -> tuple[Image.Image, ImageHeader]:
@@ -282,18 +230,17 @@ def _decode_pil(data: bytes, max_pixels: int, max_side: int | None) -> DecodedIm
 def _pil_pixels(image: Image.Image, factor: int) -> np.ndarray:
     if image.mode in WIDE_MODES:
         if factor == 1:
-            return grey_to_rgb(_minmax(np.require(np.asarray(image, dtype=np.float32), requirements="W")))
+            return grey_to_rgb(minmax_u8(np.require(np.asarray(image, dtype=np.float32), requirements="W")))
         width = image.width
-        values = _block_mean(lambda top, bottom: np.asarray(image.crop((0, top, width, bottom))),
+        values = block_mean(lambda top, bottom: np.asarray(image.crop((0, top, width, bottom))),
                              image.height, width, factor, np.dtype(np.float32))
-        return grey_to_rgb(_minmax(values))
+        return grey_to_rgb(minmax_u8(values))
     grey = image.mode in GREY_MODES
     if image.mode != ("L" if grey else "RGB"):
         image = image.convert("L" if grey else "RGB")
     if factor > 1:
         image = image.reduce(factor)
-    values = np.asarray(image, dtype=np.float32)  # a new array: scaled in place
-    values *= np.float32(1 / 255)
+    values = np.asarray(image)
     return grey_to_rgb(values) if grey else values
 
 
@@ -358,7 +305,9 @@ def _dicom_header(ds: pydicom.Dataset, inflated: int, encoded_bytes: int, max_pi
         copies += 2 * inflated + raw  # the whole inflated dataset, and pydicom's copy of it
     luts = any(k in ds for k in ("RescaleSlope", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
-    return ImageHeader("dicom", columns, rows, samples, sample, photometric, copies, LUT_BYTES if luts else 8)
+    signed = _whole(ds, "PixelRepresentation", 0) == 1
+    return ImageHeader("dicom", columns, rows, samples, sample, photometric, copies, LUT_BYTES if luts else 8,
+                       signed)
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:
@@ -392,9 +341,9 @@ def _decode_dicom(data: bytes, max_pixels: int, max_side: int | None) -> Decoded
     raw, unused = _dicom_raw(ds, data, header)
     factor = reduction_factor(header.width, header.height, max_side)
     if factor > 1:  # before the LUTs: they are meant for stored values, and cost least on few pixels
-        rows = lambda top, bottom: _stored(raw[top:bottom], unused)  # noqa: E731
-        raw, unused = _block_mean(rows, header.height, header.width, factor, raw.dtype), 0
-    pixels = _dicom_float(raw, unused, ds, header.mode)
+        rows = lambda top, bottom: stored_values(raw[top:bottom], unused)  # noqa: E731
+        raw, unused = block_mean(rows, header.height, header.width, factor, raw.dtype), 0
+    pixels = _dicom_u8(raw, unused, ds, header.mode)
     return _decoded(pixels, "dicom", header.width, header.height, _text(ds, "PatientID"))
 
 
@@ -419,40 +368,77 @@ def _dicom_raw(ds: pydicom.Dataset, data: bytes, header: ImageHeader) -> tuple[n
     return raw, unused
 
 
-def _stored(values: np.ndarray, unused: int) -> np.ndarray:
-    """`values` with their `unused` high bits cleared (sign-extended if signed), as pydicom does."""
-    if not unused:
-        return values
-    values = values << unused
-    np.right_shift(values, unused, out=values)
-    return values
-
-
-def _dicom_float(raw: np.ndarray, unused: int, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
+def _dicom_u8(raw: np.ndarray, unused: int, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
     if raw.ndim == 3:  # colour (e.g. RGB fundus), samples last; planar data made pixel-interleaved
         if raw.dtype != np.uint8:
-            return _minmax(_stored(raw, unused).astype(np.float32, order="C"))
-        return np.divide(raw, np.float32(255), out=np.empty(raw.shape, np.float32))
-    grey = _dicom_grey(raw, unused, ds)
+            return minmax_u8(stored_values(raw, unused).astype(np.float32, order="C"))
+        return raw  # as stored (planar data: a strided view), copied only by whoever needs it so
+    small = raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2
+    grey = _grey_by_table(raw, unused, ds) if small else _grey_in_bands(raw, unused, ds)
     if photometric == "MONOCHROME1":  # high values are dark: invert to the usual display
-        np.subtract(1.0, grey, out=grey)
+        np.subtract(255, grey, out=grey)
     return grey_to_rgb(grey)
 
 
-def _dicom_grey(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndarray:
-    """The modality LUT, then the VOI window or LUT with its output range scaled to [0, 1] (keeps
-    the window's meaning: below it black, above it white); without a usable VOI the actual range.
-    Band by band: pydicom's LUTs make several float64 copies of what they are given."""
-    out, voi = np.empty(raw.shape, np.float32), _voi_range(ds)
-    if voi is not None:
+def _grey_by_table(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndarray:
+    """8 or 16-bit stored values through a table of every value they can hold (the LUTs run on
+    at most 65,536 values, not on every pixel): the same result as _grey_in_bands, several times
+    faster. Keys are the raw bit patterns, unused high bits included."""
+    keys_dtype = np.dtype(f"u{raw.dtype.itemsize}")
+    domain = stored_values(np.arange(1 << (8 * raw.dtype.itemsize), dtype=keys_dtype).view(raw.dtype), unused)
+    values, windowed = _grey_values(lambda lut: lut(domain), ds)
+    keys = raw.astype(keys_dtype, copy=False)  # signed values wrap to their bit pattern, as in domain
+    if windowed:
+        low, high = 0.0, 1.0
+    else:  # the range of the values the image holds, as min-max scaling of the image would see it
+        low, high = finite_range(values[_present(keys, len(values))])
+    table = np.zeros(len(values), np.uint8) if high <= low else to_u8(
+        (values - np.float32(low)) * np.float32(255 / (high - low)) + np.float32(0.5))
+    return table[keys]  # indexing by the small keys directly: np.take would copy them to intp
+
+
+def _present(keys: np.ndarray, size: int) -> np.ndarray:
+    """(size,) bool: which keys occur. Counted a band of rows at a time, since bincount copies what
+    it counts to intp (8 bytes per pixel)."""
+    rows = max(1, BAND_PIXELS // max(1, keys.shape[1]))
+    counts = np.zeros(size, np.int64)
+    for top in range(0, keys.shape[0], rows):
+        counts += np.bincount(keys[top : top + rows].ravel(), minlength=size)
+    return counts > 0
+
+
+def _grey_in_bands(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndarray:
+    """Wider stored values (32-bit, float), band by band: pydicom's LUTs make several float64
+    copies of what they are given."""
+    rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
+
+    def in_bands(lut: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        out = np.empty(raw.shape, np.float32)
+        for top in range(0, raw.shape[0], rows):
+            out[top : top + rows] = lut(stored_values(raw[top : top + rows], unused))
+        return out
+
+    values, windowed = _grey_values(in_bands, ds)
+    if not windowed:
+        return minmax_u8(values)
+    values *= np.float32(255)
+    values += np.float32(0.5)
+    return to_u8(values)
+
+
+Lut = Callable[[np.ndarray], np.ndarray]  # stored values -> float32 values
+
+
+def _grey_values(apply: Callable[[Lut], np.ndarray], ds: pydicom.Dataset) -> tuple[np.ndarray, bool]:
+    """apply(lut) with the modality LUT, then the VOI window or LUT with its output range scaled to
+    [0, 1] (keeps the window's meaning: below it black, above it white) -> (values, True); without a
+    usable VOI, or when it fails on this data, the modality values (False) for min-max scaling."""
+    voi = _voi_range(ds)
+    if voi is not None and voi[1] > voi[0]:
         low, high = voi
-        try:
-            _in_bands(raw, unused, out, lambda band: _windowed(band, ds, low, high))
-        except Exception:  # malformed VOI data: as without a VOI
-            voi = None
-    if voi is None:
-        _in_bands(raw, unused, out, lambda band: apply_modality_lut(band, ds).astype(np.float32))
-    return _minmax(out) if voi is None or voi[1] <= voi[0] else out
+        with contextlib.suppress(Exception):  # malformed VOI data: as without a VOI
+            return apply(lambda stored: _windowed(stored, ds, low, high)), True
+    return apply(lambda stored: apply_modality_lut(stored, ds).astype(np.float32)), False
 
 
 def _voi_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
@@ -467,13 +453,4 @@ def _voi_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
 
 def _windowed(band: np.ndarray, ds: pydicom.Dataset, low: float, high: float) -> np.ndarray:
     windowed = apply_voi_lut(apply_modality_lut(band, ds), ds).astype(np.float64)
-    if high <= low:
-        return windowed.astype(np.float32)
     return np.clip((windowed - low) / (high - low), 0.0, 1.0).astype(np.float32)
-
-
-def _in_bands(raw: np.ndarray, unused: int, out: np.ndarray, transform: Callable[[np.ndarray], np.ndarray]
-              ) -> None:
-    rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
-    for top in range(0, raw.shape[0], rows):
-        out[top : top + rows] = transform(_stored(raw[top : top + rows], unused))

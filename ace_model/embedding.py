@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ace_model.encoder import Embeddings, Encoder
 from ace_model.errors import InputError, UserError
+from ace_model.preprocess import normalise
 
 DEVICES = ("auto", "cpu", "cuda")
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -81,16 +82,21 @@ class EmbeddingPolicy:
 
     @torch.inference_mode()
     def forward(self, encoder: Encoder, images: torch.Tensor) -> Embeddings:
-        """(B, 3, S, S) -> Embeddings: coarse (B, h, w, D), global (B, D), fine (B, H, W, d) or None,
-        float32 on the CPU. The encoder must already be on the device (`place`)."""
+        """(B, 3, S, S) uint8 letterboxed pixels -> Embeddings: coarse (B, h, w, D), global (B, D),
+        fine (B, H, W, d) or None, float32 on the CPU. The encoder must already be on the device
+        (`place`). Pixels travel as uint8 (a quarter of float32's bytes) and are normalised on the
+        device, in one batched operation."""
+        pixels = images.pin_memory() if self.device.type == "cuda" else images
+        inputs = normalise(pixels.to(self.device, non_blocking=True), encoder.spec.pixel_mean,
+                           encoder.spec.pixel_std)
         with self.autocast():
-            out = encoder(images.to(self.device, non_blocking=True))
+            out = encoder(inputs)
         fine = None if out.fine is None else out.fine.float().cpu()
         return Embeddings(out.patches.float().cpu(), out.global_.float().cpu(), fine)
 
     def embed(self, encoder: Encoder, tensors: Sequence[torch.Tensor], batch_size: int = 8,
               progress: str | None = None) -> Embeddings:
-        """(3, S, S) tensors in forward passes of batch_size -> the Embeddings of all of them."""
+        """(3, S, S) uint8 tensors in forward passes of batch_size -> the Embeddings of all of them."""
         starts = tqdm(range(0, len(tensors), batch_size), desc=progress, leave=False, unit="batch",
                       disable=progress is None)
         outs = [self.forward(encoder, torch.stack(list(tensors[i : i + batch_size]))) for i in starts]

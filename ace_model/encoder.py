@@ -62,6 +62,12 @@ class EncoderSpec:
     def is_dense(self) -> bool:
         return self.backbone == DENSE_BACKBONE
 
+    @property
+    def reads_grey(self) -> bool:
+        """The encoder averages its input channels first (ace_model.dense): a colour image can be
+        made grey before it is resized, a third of the work."""
+        return self.is_dense
+
 
 @dataclass
 class Embeddings:

@@ -15,3 +15,11 @@ class UserError(Exception):
 
 class InputError(UserError, ValueError):
     """A value, file content or combination of options the user gave cannot be used."""
+
+
+class ImageDecodeError(InputError):
+    """Input that is not a usable image; kind: unsupported | corrupt | multiframe | too_large."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

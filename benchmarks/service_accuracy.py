@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from ace_model.preprocess import DecodedImage, is_grey
+from ace_model.preprocess import DecodedImage, to_pil
 from training.evaluate import choose_pairs, pair_landmarks
 from training.landmarks import read_landmark_set
 
@@ -35,14 +35,9 @@ SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "ace-dense-phantom
 
 
 def png(image: DecodedImage) -> bytes:
-    """16-bit grey PNG for grey images (no precision lost to 8 bits), 8-bit RGB otherwise."""
+    """8-bit PNG, grey or RGB: the decoded pixels exactly (they are 8-bit)."""
     buffer = io.BytesIO()
-    if is_grey(image.pixels):
-        values = np.round(np.clip(image.pixels[:, :, 0], 0, 1) * 65535).astype(np.uint16)
-        Image.fromarray(values).save(buffer, format="PNG")
-    else:
-        rgb = np.round(np.clip(image.pixels, 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(rgb).save(buffer, format="PNG")
+    to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

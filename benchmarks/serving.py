@@ -3,7 +3,9 @@
 Phases, run round-robin (--rounds times, medians reported) so machine noise hits all alike:
   raw encoder images/s at batch B (no HTTP, this process, same thread count),
   /match images/s and p50/p99 latency at C concurrent clients, batched config (max_batch_size=B),
-  the same with max_batch_size=1, and both configs with a single client.
+  the same with max_batch_size=1, and both configs with a single client; per phase also the mean
+  batch and the CPU ms per request in the model (the worker thread) and outside it (the request
+  path), from the server's /metrics.
 Each configuration is its own `uvicorn service.main:create_app_from_env` process on 127.0.0.1;
 one request = one query image (PNG, decoded by the service) and one point, no index.
 
@@ -34,7 +36,6 @@ from PIL import Image
 
 from ace_model.embedding import EmbeddingPolicy, resolve_device
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
-from service.batcher import Batcher, BatcherConfig
 
 
 def free_port() -> int:
@@ -53,13 +54,16 @@ def query_png(side: int) -> bytes:
 
 
 def raw_images_per_s(encoder: Encoder, device: str, batch: int, seconds: float) -> float:
-    """The service's own forward path (device, autocast, copy back) without HTTP or queueing."""
-    runner = Batcher(BatcherConfig(batch, 0, batch, EmbeddingPolicy.resolve(device)), lambda b, d: None)
-    encoder = runner.prepare(encoder)  # includes a warm-up pass
-    images = torch.randn(batch, 3, encoder.spec.img_size, encoder.spec.img_size)
+    """The service's own forward path (uint8 in, normalised on the device, autocast, copy back:
+    what its worker runs) without HTTP or queueing."""
+    policy = EmbeddingPolicy.resolve(device)
+    encoder = policy.place(encoder)
+    side = encoder.spec.img_size
+    images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)  # as the worker gets them
+    policy.forward(encoder, images)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        runner.forward(images, encoder)  # returns CPU tensors: the device has finished
+        policy.forward(encoder, images)  # returns CPU tensors: the device has finished
         done += batch
     return done / (time.perf_counter() - started)
 
@@ -94,8 +98,11 @@ class Server:
         self.process.wait(timeout=30)
 
 
-async def load(url: str, image: bytes, clients: int, seconds: float) -> dict[str, float]:
-    """`clients` closed-loop clients for `seconds` (after a short warm-up); images/s, p50, p99."""
+async def load(url: str, image: bytes, clients: int, seconds: float, one_process: bool = True
+               ) -> dict[str, float]:
+    """`clients` closed-loop clients for `seconds` (after a short warm-up); images/s, p50, p99, and
+    from the server's /metrics (one_process: a single api process answers every scrape) the mean
+    batch and the CPU per request of the model (its worker thread) and of everything else."""
     latencies: list[float] = []
     errors = 0
     async with httpx.AsyncClient(base_url=url, timeout=120,
@@ -120,20 +127,34 @@ async def load(url: str, image: bytes, clients: int, seconds: float) -> dict[str
                     latencies.append(took)
 
         await asyncio.gather(*(worker(time.perf_counter() + 1.0, False) for _ in range(clients)))
-        started = time.perf_counter()
+        before, started = scrape(url), time.perf_counter()
         await asyncio.gather(*(worker(started + seconds, True) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
+        elapsed, after = time.perf_counter() - started, scrape(url)
     ms = np.array(latencies) * 1000
-    return {"images_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies), "errors": errors}
+    result = {"images_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+              "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies), "errors": errors}
+    return result | (server_side(before, after, len(latencies)) if one_process else {})
 
 
-def batch_histogram(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
-    lines = [line for line in text.splitlines() if line.startswith("ace_batch_size_")]
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines}
-    count = values.get("ace_batch_size_count", 0.0)
-    return {"batches": count, "mean_batch": values.get("ace_batch_size_sum", 0.0) / max(count, 1.0)}
+METRICS = ("ace_batch_size_count", "ace_batch_size_sum", "ace_worker_cpu_seconds_total",
+           "process_cpu_seconds_total")
+
+
+def scrape(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    values = dict(line.split(" ", 1) for line in lines if line.split(" ", 1)[0] in METRICS)
+    return {name: float(values.get(name, "nan")) for name in METRICS}
+
+
+def server_side(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Mean batch, and CPU ms per request in the model's worker thread and outside it (the
+    request path: HTTP, decoding, preprocessing, matching)."""
+    delta = {name: after[name] - before[name] for name in METRICS}
+    model = delta["ace_worker_cpu_seconds_total"]
+    return {"mean_batch": delta["ace_batch_size_sum"] / max(delta["ace_batch_size_count"], 1.0),
+            "model_cpu_ms_per_request": 1000 * model / max(requests, 1),
+            "outside_model_cpu_ms_per_request":
+                1000 * (delta["process_cpu_seconds_total"] - model) / max(requests, 1)}
 
 
 def main() -> None:
@@ -183,18 +204,16 @@ def run(encoder: Encoder, encoder_dir: Path, args: argparse.Namespace) -> dict[s
             several = extra.enter_context(Server(encoder_dir, args.threads, args.device, args.workers,
                                                  max_batch_size=args.batch, max_wait_ms=5, queue_size=queue))
             phases["batched_workers_clients"] = lambda: asyncio.run(
-                load(several.url, image, args.clients, args.seconds))
+                load(several.url, image, args.clients, args.seconds, one_process=False))
         for _ in range(args.rounds):
             for name, phase in phases.items():
                 samples.setdefault(name, []).append(phase())
-        histogram = batch_histogram(batched.url)
     result = {name: _median(runs) for name, runs in samples.items()}
     return {
         "encoder": f"{encoder.spec.backbone}@{encoder.spec.img_size}", "threads": args.threads,
         "device": _device_name(args.device),
         "clients": args.clients, "image_side": args.image_side, "batch": args.batch,
         "rounds": args.rounds, "seconds_per_phase": args.seconds, "phases": result,
-        "batched_server_batches": histogram,
         "ratio_service_to_raw": result["batched_clients"]["images_per_s"]
         / result["raw_encoder"]["images_per_s"],
         "ratio_batched_to_batch1": result["batched_clients"]["images_per_s"]

@@ -44,7 +44,7 @@ class Embedded:
 
 @dataclass
 class _Item:
-    tensor: torch.Tensor  # (3, S, S) normalised model input
+    tensor: torch.Tensor  # (3, S, S) uint8 letterboxed pixels (normalised on the device, batched)
     encoder: Encoder  # the leased generation's encoder, already on the device
     future: asyncio.Future[Embedded] | concurrent.futures.Future[Embedded]
     loop: asyncio.AbstractEventLoop | None  # None: a thread waits on a concurrent future (warm-up)
@@ -71,6 +71,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy_since: float | None = None  # when the running forward pass started
+        self.worker_cpu_s = 0.0  # the worker thread's CPU seconds, as of its last batch
         self._thread = threading.Thread(target=self._run, name="ace-batcher", daemon=True)
 
     @property
@@ -94,7 +95,7 @@ class Batcher:
         future: concurrent.futures.Future[Embedded] = concurrent.futures.Future()
         with self._cond:  # beyond queue_size on purpose: a warm-up is never refused
             self._check_running()
-            self._queue.append(_Item(torch.zeros(3, size, size), encoder, future, None))
+            self._queue.append(_Item(torch.zeros(3, size, size, dtype=torch.uint8), encoder, future, None))
             self._cond.notify()
         future.result(timeout=timeout_s)
         return encoder
@@ -165,10 +166,18 @@ class Batcher:
             return self._take_batch()
 
     def _take_batch(self) -> list[_Item]:
+        """The oldest image and up to max_batch_size - 1 more of its bucket (encoder and input
+        size), from anywhere in the queue: a batch never pads to, or waits behind, another size.
+        The others keep their order."""
         first = self._queue[0]
         batch: list[_Item] = []
-        while self._queue and len(batch) < self.config.max_batch_size and _fits(self._queue[0], first):
-            batch.append(self._queue.popleft())
+        rest: deque[_Item] = deque()
+        for item in self._queue:
+            if len(batch) < self.config.max_batch_size and _fits(item, first):
+                batch.append(item)
+            else:
+                rest.append(item)
+        self._queue = rest
         return batch
 
     def _process(self, batch: list[_Item]) -> None:
@@ -178,6 +187,7 @@ class Batcher:
             results = [err] * len(batch)
         for item, outcome in zip(batch, results, strict=True):
             _resolve(item, outcome)
+        self.worker_cpu_s = time.thread_time()  # the calling thread's CPU: only the worker can read its own
 
     def _embedded(self, batch: list[_Item]) -> list[Embedded | Exception]:
         self._observe(len(batch), len(self._queue))

@@ -92,6 +92,7 @@ def _start(settings: Settings, app_metrics: Metrics) -> AppState:
     config = BatcherConfig(settings.max_batch_size, settings.max_wait_ms, settings.queue_size,
                            policy, settings.worker_stall_s)
     batcher = Batcher(config, app_metrics.observe_batch)
+    app_metrics.track_worker_cpu(lambda: batcher.worker_cpu_s)
     batcher.start()
 
     def load_ready(directory: Path, fingerprint: str) -> Encoder:
@@ -109,7 +110,7 @@ def _start(settings: Settings, app_metrics: Metrics) -> AppState:
 async def _warm_up(state: AppState) -> None:
     encoder = state.served.current.encoder
     size = encoder.spec.img_size
-    await state.batcher.embed([torch.zeros(3, size, size)], encoder)
+    await state.batcher.embed([torch.zeros(3, size, size, dtype=torch.uint8)], encoder)
     state.warmed_up = True
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,10 +34,25 @@ class Metrics:
                                    registry=self.registry)
         self.index_swaps = Counter("ace_index_reloads", "index reload attempts by outcome",
                                    ["status"], registry=self.registry)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds
+
+    def track_worker_cpu(self, read_seconds: Callable[[], float]) -> None:
+        """ace_worker_cpu_seconds_total: the inference worker thread's CPU time. With the
+        process's CPU it splits a request's CPU into the model's and the request path's."""
+        self.registry.register(_WorkerCpu(read_seconds))
 
     def observe_batch(self, size: int, depth_after: int) -> None:
         self.batch_size.observe(size)
         self.queue_depth.set(depth_after)
+
+
+class _WorkerCpu(Collector):
+    def __init__(self, read_seconds: Callable[[], float]) -> None:
+        self.read_seconds = read_seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        help_text = "CPU seconds of the inference worker thread (forward passes, batching) at its last batch"
+        yield CounterMetricFamily("ace_worker_cpu_seconds", help_text, value=self.read_seconds())
 
 
 class RequestMetricsMiddleware:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ace_model import index as ix
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
-from ace_model.preprocess import load_image, prepare
+from ace_model.preprocess import load_image, normalise, prepare
 from tests.helpers import DATASET_SIZES as SIZES
 from tests.helpers import write_dataset
 from training import build_index as bi
@@ -45,7 +45,7 @@ def test_build_decodes_hits_to_image_and_pixels(tmp_path: Path, encoder_dir: Pat
     assert index.num_patches < len(SIZES) * 16
     encoder = load_encoder(encoder_dir)
     tensor, coords = prepare(load_image(dataset / "images" / "im3.png"), 64, encoder.grid)
-    grid = encoder(tensor[None]).patches[0].detach().numpy()
+    grid = encoder(normalise(tensor[None])).patches[0].detach().numpy()
     np.testing.assert_allclose(index.grid("im3"), grid, atol=2e-3)  # float16 store
     row, col = np.argwhere(coords.valid_patches().reshape(4, 4))[0]
     hit = index.search(grid[row, col][None], 1)[0][0]

@@ -107,12 +107,16 @@ def test_the_estimate_bounds_the_peak_and_is_a_useful_bound(
     ("png8", 3000, 2000), ("jpeg", 2400, 1600), ("dicom16", 3000, 2000),
 ])
 def test_a_reduced_decode_peaks_far_below_a_full_one(image_format: str, width: int, height: int) -> None:
-    """Reduced by 8 (max_side 375 / 300): tracemalloc's peak at least 4x lower (measured: 8-60x)."""
+    """Reduced by 8 (max_side 375 / 300): tracemalloc's peak at least 3x lower (measured: 3.4x for the
+    16-bit DICOM, whose full decode is now the uint8 result beside a fixed ~1.5 MB for its LUT table;
+    29-64x for the others); the estimate at least 1.5x: Pillow decodes a PNG whole before reducing
+    it, a third of what the full decode needs now that 8-bit pixels stay uint8 (resident: 6.3 vs 18
+    MB), and the DICOM's LUT table and the fixed overhead (~5 MB together) do not shrink."""
     data = sample_image(image_format, width, height)
     max_side = max(width, height) // 8
     decode_image(data, 64_000_000, max_side)
     full = traced_peak(lambda: decode_image(data, 64_000_000))
     reduced = traced_peak(lambda: decode_image(data, 64_000_000, max_side))
-    assert reduced * 4 < full, f"reduced {reduced / MB:.1f} MB vs full {full / MB:.1f} MB"
+    assert reduced * 3 < full, f"reduced {reduced / MB:.1f} MB vs full {full / MB:.1f} MB"
     header = peek_image(data)
-    assert decode_memory_bytes(header, max_side) * 3 < decode_memory_bytes(header, None)
+    assert decode_memory_bytes(header, max_side) * 1.5 < decode_memory_bytes(header, None)

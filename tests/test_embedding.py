@@ -75,7 +75,7 @@ def test_forward_and_batched_embed_agree_in_float32_on_the_cpu() -> None:
     torch.manual_seed(0)
     policy = EmbeddingPolicy.resolve("cpu")
     encoder = policy.place(Encoder(EncoderSpec(DENSE_BACKBONE, 64)))
-    images = torch.randn(5, 3, 64, 64)
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
     whole = policy.forward(encoder, images)
     assert whole.patches.shape == (5, 4, 4, encoder.dim) and whole.global_.shape == (5, encoder.dim)
     assert whole.fine is not None and whole.fine.shape[:3] == (5, 16, 16)
@@ -90,7 +90,7 @@ def test_forward_and_batched_embed_agree_in_float32_on_the_cpu() -> None:
 def test_single_level_encoders_have_no_fine_grid() -> None:
     policy = EmbeddingPolicy.resolve("cpu")
     encoder = policy.place(Encoder(EncoderSpec("vit_tiny_patch16_224", 64)))
-    assert policy.embed(encoder, [torch.zeros(3, 64, 64)] * 3, batch_size=2).fine is None
+    assert policy.embed(encoder, [torch.zeros(3, 64, 64, dtype=torch.uint8)] * 3, batch_size=2).fine is None
 
 
 def test_index_build_records_how_its_vectors_were_computed(tmp_path: Path, encoder_dir: Path,

@@ -16,7 +16,6 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels.decoders.base import get_decoder
 
-from ace_model.config import PIXEL_MEAN, PIXEL_STD
 from ace_model.preprocess import (
     CoordinateMap,
     DecodedImage,
@@ -33,6 +32,13 @@ from ace_model.preprocess import (
 from tests.decode_fuzz_corpus import FORMATS, dicom_image, pil_bytes, sample_image
 
 SIZES = st.sampled_from([(64, 4), (224, 14), (448, 14)])
+HALF_LEVEL = 0.5 / 255 + 1e-5  # 8-bit rounding, in [0, 1] units (float32 arithmetic before it: 1e-5)
+
+
+def assert_8bit_close(pixels: np.ndarray, expected: np.ndarray) -> None:
+    """uint8 `pixels` are `expected` ([0, 1]) rounded to 8 bits."""
+    assert pixels.dtype == np.uint8
+    np.testing.assert_allclose(pixels / 255.0, expected, rtol=0, atol=HALF_LEVEL)
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -109,7 +115,7 @@ def test_bright_dot_lands_where_the_mapping_says(
         image = np.zeros((height, width), dtype=np.uint8)
         image[y, x] = 255
         tensor, mapping = prepare(decode_image(png_bytes(image)), size, grid)
-        intensity = (tensor[0].numpy() * PIXEL_STD + PIXEL_MEAN).clip(0, None)  # (size, size)
+        intensity = tensor[0].numpy().astype(np.float64)  # (size, size), padding 0
         rows, cols = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
         centroid = np.array([(cols * intensity).sum(), (rows * intensity).sum()]) / intensity.sum()
         predicted = mapping.to_model(np.array([x + 0.5, y + 0.5]))
@@ -122,11 +128,11 @@ def test_bright_dot_lands_where_the_mapping_says(
 def test_letterbox_padding_is_black_and_marked_invalid() -> None:
     image = np.full((100, 300), 255, dtype=np.uint8)  # wide: 64 x 21 content, 21 px bars above/below
     tensor, mapping = prepare(decode_image(png_bytes(image)), 64, 4)
-    assert tensor.shape == (3, 64, 64)
-    content = tensor[0] * PIXEL_STD + PIXEL_MEAN
+    assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.uint8
+    content = tensor[0].numpy()
     assert mapping.content_size == (64, 21) and mapping.pad_y == 21
-    assert np.allclose(content[:21].numpy(), 0, atol=1e-5) and np.allclose(content[42:].numpy(), 0, atol=1e-5)
-    assert np.allclose(content[22:41].numpy(), 1, atol=1e-5)
+    assert (content[:21] == 0).all() and (content[42:] == 0).all()
+    assert (content[22:41] == 255).all()
     np.testing.assert_array_equal(mapping.valid_patches().reshape(4, 4).any(1), [False, True, True, False])
 
 
@@ -136,17 +142,19 @@ def test_png_8bit_grey_and_rgb() -> None:
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
     decoded = decode_image(png_bytes(grey))
     assert decoded.format == "png" and decoded.pixels.shape == (16, 16, 3)
-    np.testing.assert_allclose(decoded.pixels[..., 1], grey / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(decoded.pixels[..., 1], grey)  # 8-bit data as stored
+    assert decoded.pixels.dtype == np.uint8 and decoded.as_float().dtype == np.float32
+    np.testing.assert_allclose(decoded.as_float()[..., 1], grey / 255.0, atol=1e-7)
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    np.testing.assert_allclose(decode_image(png_bytes(rgb)).pixels, rgb / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(decode_image(png_bytes(rgb)).pixels, rgb)
 
 
 def test_grey_is_one_channel_seen_three_times_and_letterboxes_like_a_copy() -> None:
     grey = np.random.default_rng(1).integers(0, 256, size=(40, 30), dtype=np.uint8)
     decoded = decode_image(png_bytes(grey))
     assert decoded.pixels.strides[2] == 0 and not decoded.pixels.flags.writeable  # a view, no copies
-    copy = DecodedImage(np.repeat(grey[:, :, None] / np.float32(255), 3, axis=2).astype(np.float32), "png")
-    torch.testing.assert_close(letterbox_tensor(decoded, 32), letterbox_tensor(copy, 32), rtol=0, atol=1e-6)
+    copy = DecodedImage(np.repeat(grey[:, :, None], 3, axis=2), "png")
+    torch.testing.assert_close(letterbox_tensor(decoded, 32), letterbox_tensor(copy, 32), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
@@ -162,9 +170,8 @@ def test_thumbnail_is_a_jpeg_that_keeps_aspect_and_pixels(mode: str) -> None:
 def test_png_16bit_uses_its_full_range() -> None:
     values = np.linspace(1000, 50000, 64).astype(np.uint16).reshape(8, 8)
     decoded = decode_image(png_bytes(values))
-    expected = (values.astype(np.float64) - 1000) / 49000
-    np.testing.assert_allclose(decoded.pixels[..., 0], expected, atol=1e-6)
-    assert decoded.pixels.dtype == np.float32
+    assert_8bit_close(decoded.pixels[..., 0], (values.astype(np.float64) - 1000) / 49000)
+    assert decoded.pixels.min() == 0 and decoded.pixels.max() == 255
 
 
 def test_jpeg() -> None:
@@ -173,7 +180,7 @@ def test_jpeg() -> None:
     Image.fromarray(grey).save(buffer, format="JPEG", quality=95)
     decoded = decode_image(buffer.getvalue())
     assert decoded.format == "jpeg" and decoded.width == 64 and decoded.height == 32
-    np.testing.assert_allclose(decoded.pixels[..., 0], grey / 255.0, atol=0.03)
+    np.testing.assert_allclose(decoded.as_float()[..., 0], grey / 255.0, atol=0.03)
 
 
 def expected_cr_grey(ds: pydicom.Dataset) -> np.ndarray:
@@ -188,7 +195,7 @@ def test_real_chest_cr_dicom(chest_cr_decoded: DecodedImage, chest_cr: pydicom.D
     assert decoded.format == "dicom" and (decoded.height, decoded.width) == (1955, 1841)
     assert decoded.patient_id == str(chest_cr.PatientID)
     assert np.array_equal(decoded.pixels[..., 0], decoded.pixels[..., 2])
-    np.testing.assert_allclose(decoded.pixels[..., 0], expected_cr_grey(chest_cr), atol=1e-5)
+    assert_8bit_close(decoded.pixels[..., 0], expected_cr_grey(chest_cr))
     centre = decoded.pixels[700:1100, 500:1300, 0].mean()  # lungs and mediastinum
     assert centre < decoded.pixels[-150:, :, 0].mean()  # abdomen/diaphragm below is brighter
 
@@ -197,21 +204,21 @@ def test_monochrome1_is_inverted(chest_cr_decoded: DecodedImage, chest_cr: pydic
     original = chest_cr_decoded.pixels
     chest_cr.PhotometricInterpretation = "MONOCHROME2"
     flipped = decode_image(dicom_bytes(chest_cr)).pixels
-    np.testing.assert_allclose(flipped, 1 - original, atol=1e-6)
+    np.testing.assert_array_equal(flipped, 255 - original)
 
 
 def test_voi_window_is_applied(chest_cr: pydicom.Dataset) -> None:
     chest_cr.WindowCenter, chest_cr.WindowWidth = 6000, 4000
     decoded = decode_image(dicom_bytes(chest_cr)).pixels[..., 0]
-    np.testing.assert_allclose(decoded, expected_cr_grey(chest_cr), atol=1e-5)
-    assert (decoded == 0).mean() > 0.1 and (decoded == 1).mean() > 0.05  # saturated outside the window
+    assert_8bit_close(decoded, expected_cr_grey(chest_cr))
+    assert (decoded == 0).mean() > 0.1 and (decoded == 255).mean() > 0.05  # saturated outside the window
 
 
 def test_dicom_without_voi_uses_its_actual_range(chest_cr: pydicom.Dataset) -> None:
     del chest_cr.WindowCenter, chest_cr.WindowWidth
     decoded = decode_image(dicom_bytes(chest_cr)).pixels[..., 0]
     raw = chest_cr.pixel_array.astype(np.float64)
-    np.testing.assert_allclose(decoded, 1 - (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
+    assert_8bit_close(decoded, 1 - (raw - raw.min()) / (raw.max() - raw.min()))
 
 
 def test_multiframe_dicom_is_refused() -> None:
@@ -318,7 +325,7 @@ def blob_image(image_format: str) -> bytes:
 
 def blob_centroid(image: DecodedImage) -> np.ndarray:
     """The blob's intensity centroid in original pixels, measured on the pixels the image has."""
-    values = np.clip(image.pixels[:, :, 0].astype(np.float64) - 0.2, 0, None)
+    values = np.clip(image.as_float()[:, :, 0].astype(np.float64) - 0.2, 0, None)
     rows, cols = np.mgrid[0 : values.shape[0], 0 : values.shape[1]] + 0.5
     centroid = np.array([(cols * values).sum(), (rows * values).sum()]) / values.sum()
     return centroid / np.array(image.pixel_scale)
@@ -349,7 +356,7 @@ def test_reduced_decode_keeps_the_original_size_as_its_frame(image_format: str) 
     factor = 4 if image_format.startswith("jpeg") else 6
     assert reduced.pixels.shape[:2] == (-(-300 // factor), -(-401 // factor))
     np.testing.assert_allclose(reduced.pixel_scale, (-(-401 // factor) / 401, -(-300 // factor) / 300))
-    assert reduced.pixels.dtype == np.float32 and reduced.pixels.min() >= 0 and reduced.pixels.max() <= 1
+    assert reduced.pixels.dtype == np.uint8
 
 
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "tiff16", "dicom"])
@@ -374,7 +381,7 @@ def test_the_letterboxed_tensor_of_a_reduced_decode_is_close_to_the_full_one(ima
     full, reduced = decode_image(data), decode_image(data, max_side=448)  # factor 3
     tensor_full, _ = prepare(full, 224, 14)
     tensor_reduced, _ = prepare(reduced, 224, 14)
-    difference = (tensor_full - tensor_reduced).abs() * PIXEL_STD  # back to [0, 1] pixel units
+    difference = (tensor_full.float() - tensor_reduced.float()).abs() / 255  # [0, 1] pixel units
     assert float(difference.mean()) < 0.01 and float(difference.max()) < 0.2
 
 

@@ -37,6 +37,7 @@ from ace_model.preprocess import (
     CoordinateMap,
     ImageDecodeError,
     decode_side,
+    encoder_view,
     load_image,
     prepare,
     thumbnail_jpeg,
@@ -147,8 +148,8 @@ def _check_unique(items: list[ImageSource]) -> None:
 class DecodedImages:
     """Decode + letterbox + thumbnail of one image; run in threads beside inference."""
 
-    def __init__(self, items: Sequence[ImageSource], size: int, grid: int) -> None:
-        self.items, self.size, self.grid = items, size, grid
+    def __init__(self, items: Sequence[ImageSource], size: int, grid: int, grey: bool = False) -> None:
+        self.items, self.size, self.grid, self.grey = items, size, grid, grey  # grey: spec.reads_grey
 
     def __len__(self) -> int:
         return len(self.items)
@@ -159,7 +160,7 @@ class DecodedImages:
             image = load_image(item.path, max_side=decode_side(self.size))
         except (ImageDecodeError, OSError) as err:
             return {"position": position, "error": f"{item.path}: {err}"}
-        tensor, coords = prepare(image, self.size, self.grid)
+        tensor, coords = prepare(encoder_view(image, self.size, self.grey), self.size, self.grid)
         return {"position": position, "error": None, "tensor": tensor, "coords": coords,
                 "patient_id": item.patient_id or image.patient_id, "thumbnail": thumbnail_jpeg(image)}
 
@@ -319,7 +320,7 @@ def embed_chunks(plan: EmbedPlan, encoder: Encoder, policy: EmbeddingPolicy, opt
     positions = [p for c in chunks for p in plan.chunk_items(c)]
     if not positions:
         return 0
-    dataset = DecodedImages(plan.items, encoder.spec.img_size, encoder.grid)
+    dataset = DecodedImages(plan.items, encoder.spec.img_size, encoder.grid, encoder.spec.reads_grey)
     writers = {c: ChunkWriter(plan, c, encoder.grid, encoder.dim) for c in chunks}
     with tqdm(total=len(positions), desc="embedding", unit="img", disable=not options.show_progress) as bar:
         threads = default_decode_threads() if options.num_workers is None else options.num_workers

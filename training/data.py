@@ -127,7 +127,7 @@ def read_image(path: Path) -> DecodedImage:
 
 def load_grey(path: Path, short_side: int) -> np.ndarray:
     """Decode to grey (H, W) float32, downsized so that the short side is at most `short_side`."""
-    grey = load_image(path).pixels.mean(axis=2)
+    grey = load_image(path).as_float().mean(axis=2)
     height, width = grey.shape
     scale = short_side / min(height, width)
     if scale >= 1.0:

@@ -77,7 +77,7 @@ def _items(folder: Path) -> list[tuple[Path, dict[str, tuple[float, float]], str
 
 def _grey_square(path: Path, side: int) -> tuple[torch.Tensor, float]:
     """Load, take the grey level, pad to a square at the top-left, resize to `side` -> (1, side, side)."""
-    pixels = read_image(path).pixels[:, :, 0]
+    pixels = read_image(path).as_float()[:, :, 0]
     h, w = pixels.shape
     canvas = np.zeros((max(h, w), max(h, w)), np.float32)
     canvas[:h, :w] = pixels

@@ -21,7 +21,7 @@ from skimage.feature import match_template
 from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder, EncoderSpec
 from ace_model.match import Found, Levels, MatchOptions, argmax_2d, look_scales, match_points, refine_peak
-from ace_model.preprocess import CoordinateMap, DecodedImage, is_grey, letterbox_tensor, prepare
+from ace_model.preprocess import CoordinateMap, DecodedImage, encoder_view, is_grey, letterbox_tensor, prepare
 
 
 class Method(Protocol):
@@ -48,9 +48,10 @@ def embed_levels(encoder: Encoder, images: Sequence[DecodedImage], size: int, ba
                  desc: str, policy: EmbeddingPolicy) -> Embedded:
     """Letterbox every image at `size` px (a multiple of the base size) and embed it once."""
     grid = encoder.grid * size // encoder.spec.img_size
-    policy.forward(encoder, prepare(images[0], size, grid)[0][None])  # warm-up, untimed, as a served encoder
+    base, grey = encoder.spec.img_size, encoder.spec.reads_grey
+    policy.forward(encoder, prepare(images[0], size, grid)[0][None])  # warm-up, untimed, as served
     start = perf_counter()
-    prepared = [prepare(image, size, grid) for image in images]
+    prepared = [prepare(encoder_view(image, base, grey), size, grid) for image in images]
     out = policy.embed(encoder, [tensor for tensor, _ in prepared], batch_size, desc)
     seconds = perf_counter() - start
     levels = [Levels.of(out.patches[i], None if out.fine is None else out.fine[i], coords)
@@ -134,7 +135,8 @@ class EncoderMethod:
 
 def grey_pixels(image: DecodedImage) -> np.ndarray:
     """(H, W) float32 writable grey levels (the mean of the channels of a colour image)."""
-    pixels = image.pixels[:, :, 0] if is_grey(image.pixels) else np.asarray(image.pixels).mean(axis=2)
+    values = image.as_float()
+    pixels = values[:, :, 0] if is_grey(values) else values.mean(axis=2)
     return np.array(pixels, dtype=np.float32)
 
 
@@ -186,7 +188,8 @@ class NCCMethod:
     def fit(self, images: Sequence[DecodedImage]) -> None:
         # grid == size: "grid" coordinates are model pixels with pixel centres at integers
         self.coords = [CoordinateMap.letterbox(i.width, i.height, self.size, self.size) for i in images]
-        self.images = [letterbox_tensor(image, self.size).mean(0).numpy() for image in images]
+        self.images = [letterbox_tensor(image, self.size).float().mean(0).div_(255).numpy()
+                       for image in images]
 
     def locate(self, query: int, target: int, xy: np.ndarray) -> np.ndarray:
         query_xy = self.coords[query].to_grid(xy)

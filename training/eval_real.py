@@ -140,7 +140,7 @@ def real_images() -> tuple[list[RealImage], list[dict[str, str]]]:
         warnings.simplefilter("ignore")  # pydicom's test files are full of deliberate oddities
         for path, package in files:
             select(path, package, families, kept, skipped)
-    fundus = DecodedImage(retina().astype(np.float32) / 255.0, "png")
+    fundus = DecodedImage(np.ascontiguousarray(retina(), dtype=np.uint8), "png")
     kept.append(RealImage("retina (fundus)", fundus, "scikit-image", "OP", "colour photograph"))
     return kept, skipped
 
@@ -234,9 +234,9 @@ def warp_image(image: DecodedImage, warp: Warp) -> DecodedImage:
     source = warp.source_of(np.stack([xs, ys], axis=-1))
     where = [source[..., 1] - 0.5, source[..., 0] - 0.5]  # map_coordinates: pixel centres at i
     channels = [image.pixels[:, :, 0]] if grey else [image.pixels[:, :, c] for c in range(3)]
-    out = [map_coordinates(np.asarray(c, np.float32), where, order=1, mode="constant", cval=0.0)
-           for c in channels]
-    pixels = grey_to_rgb(out[0]) if grey else np.stack(out, axis=-1).astype(np.float32)
+    out = [np.rint(map_coordinates(np.asarray(c, np.float32), where, order=1, mode="constant", cval=0.0))
+           .clip(0, 255).astype(np.uint8) for c in channels]  # decoded images are uint8
+    pixels = grey_to_rgb(out[0]) if grey else np.stack(out, axis=-1)
     return DecodedImage(pixels, image.format)
 
 

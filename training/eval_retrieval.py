@@ -23,7 +23,7 @@ from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder
 from ace_model.errors import InputError
 from ace_model.match import MASKED, sample_at
-from ace_model.preprocess import DecodedImage, prepare
+from ace_model.preprocess import DecodedImage, encoder_view, prepare
 from training.eval_methods import EncoderMethod
 from training.evaluate import image_diagonal, radial_errors
 from training.landmarks import LandmarkImage
@@ -41,8 +41,9 @@ def random_crop(tensor: torch.Tensor, rng: np.random.Generator, low: float = 0.3
     size = tensor.shape[-1]
     side = max(2, int(round(rng.uniform(low, high) * size)))
     top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-    crop = tensor[None, :, top : top + side, left : left + side]
-    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    crop = tensor[None, :, top : top + side, left : left + side].float()  # uint8 model input
+    resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def retrieval_top1(image_global: torch.Tensor, crop_global: torch.Tensor,
@@ -65,7 +66,8 @@ def retrieval_groups(n_images: int, group_size: int, seed: int) -> list[list[int
 
 def crop_retrieval(encoder: Encoder, images: Sequence[DecodedImage], group_size: int, seed: int,
                    policy: EmbeddingPolicy, batch_size: int = 8) -> dict[str, float]:
-    tensors = [prepare(image, encoder.spec.img_size, encoder.grid)[0] for image in images]
+    size, grey = encoder.spec.img_size, encoder.spec.reads_grey
+    tensors = [prepare(encoder_view(image, size, grey), size, encoder.grid)[0] for image in images]
     rng = np.random.default_rng(seed)
     crops = [random_crop(tensor, rng) for tensor in tensors]
     groups = retrieval_groups(len(images), group_size, seed)

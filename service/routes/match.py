@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import Levels, common_looks, look_scales
-from ace_model.preprocess import CoordinateMap, DecodedImage, decode_side, prepare
+from ace_model.preprocess import CoordinateMap, DecodedImage, decode_side, encoder_view, prepare
 from service.batcher import Embedded
 from service.config import Settings
 from service.errors import ApiError, documented, invalid
@@ -41,7 +41,7 @@ ERRORS = documented(400, 413, 415, 429, 503)
 
 @dataclass(frozen=True)
 class Prepared:
-    tensor: torch.Tensor  # (3, S, S) model input
+    tensor: torch.Tensor  # (3, S, S) uint8 model input
     coords: CoordinateMap
     image: DecodedImage | None = None  # kept until the looks are prepared
     looks: tuple[tuple[torch.Tensor, CoordinateMap], ...] = ()  # inputs of the higher-resolution looks
@@ -106,6 +106,7 @@ def _check_index_served(state: AppState, index: PatchIndex | None) -> None:
 
 
 def _prepare(image: DecodedImage, encoder: Encoder) -> Prepared:
+    image = encoder_view(image, encoder.spec.img_size, encoder.spec.reads_grey)  # once for every look
     tensor, coords = prepare(image, encoder.spec.img_size, encoder.grid)
     return Prepared(tensor, coords, image)
 
@@ -135,8 +136,8 @@ EmbeddedImage = tuple[Embedded, list[Embedded]]  # at the base size, at each loo
 
 
 async def _embed(state: AppState, images: list[Prepared], encoder: Encoder) -> list[EmbeddedImage]:
-    """Every image at the base size, then every 2x look, then every 4x look: the worker batches
-    consecutive images of one size, so the queue is ordered by size."""
+    """Every image at the base size, then every 2x look, then every 4x look (the worker batches
+    images of one size together wherever they are in its queue)."""
     order = [(n, -1) for n in range(len(images))]
     order += [(n, j) for j in range(max((len(p.looks) for p in images), default=0))
               for n, p in enumerate(images) if j < len(p.looks)]

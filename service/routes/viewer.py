@@ -31,6 +31,7 @@ from ace_model.preprocess import (
     DecodedImage,
     ImageDecodeError,
     decode_side,
+    encoder_view,
     load_image,
     prepare,
     thumbnail_jpeg,
@@ -213,7 +214,8 @@ async def heatmap(
         indexed = [_Target(i, indexed_levels(index, i), index.record(i).coords) for i in ids] if index else []
         size, grid = encoder.spec.img_size, encoder.grid
         async with decoded(state, uploads, decode_side(size), encoder) as images:
-            prepared = [await run_in_threadpool(prepare, d, size, grid) for d in images]
+            views = [encoder_view(d, size, encoder.spec.reads_grey) for d in images]
+            prepared = [await run_in_threadpool(prepare, v, size, grid) for v in views]
             check_inside(shapes, prepared[0][1])
             embedded = await embed(state, [tensor for tensor, _ in prepared], encoder)
             levels = [Levels.of(e.patches, e.fine, c) for e, (_, c) in zip(embedded, prepared, strict=True)]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ace_model.encoder import Encoder, EncoderSpec
 from ace_model.index import ImageRecord, Segment, create_version, publish
-from ace_model.preprocess import load_image, prepare
+from ace_model.preprocess import load_image, normalise, prepare
 from service.config import Settings
 from service.main import create_app
 from tests.browser.helpers import PHANTOM_SIZE, Corpus
@@ -64,7 +64,7 @@ def _build_index(root: Path, work: Path, encoder: Encoder, images: dict[str, Pat
         records.append(ImageRecord(image_id, patient, str(path), decoded.width, decoded.height, coords,
                                    position))
     with torch.no_grad():
-        grids = encoder(torch.stack(tensors)).patches.numpy().astype(np.float16)
+        grids = encoder(normalise(torch.stack(tensors))).patches.numpy().astype(np.float16)
     np.save(work / "grid.npy", grids)
     thumbnails = work / "thumbnails"
     thumbnails.mkdir()

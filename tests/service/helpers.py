@@ -24,7 +24,7 @@ from PIL import Image
 
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
 from ace_model.index import ImageRecord, Segment, create_version, publish
-from ace_model.preprocess import decode_image, prepare
+from ace_model.preprocess import decode_image, normalise, prepare
 from service.config import Settings
 from service.main import create_app
 
@@ -73,7 +73,7 @@ def build_index(root: Path, encoder_path: Path, images: dict[str, bytes], work: 
         records.append(ImageRecord(image_id, f"patient-{image_id}", f"mem://{image_id}",
                                    decoded.width, decoded.height, coords, position))
     with torch.no_grad():
-        grids = encoder(torch.stack(tensors)).patches.numpy().astype(np.float16)
+        grids = encoder(normalise(torch.stack(tensors))).patches.numpy().astype(np.float16)
     work.mkdir(parents=True, exist_ok=True)
     grid_file = work / f"grid-{time.monotonic_ns()}.npy"
     np.save(grid_file, grids)

@@ -27,6 +27,7 @@ import torch
 from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import Encoder, load_encoder
 from ace_model.index import rollback
+from ace_model.preprocess import normalise
 from service.batcher import Batcher, BatcherConfig
 from service.config import Settings
 from tests.service.helpers import (
@@ -165,7 +166,7 @@ def test_an_index_without_its_encoder_is_refused_and_match_says_so(
 
 def test_batches_never_mix_encoders() -> None:
     encoders = [identity_encoder(seed) for seed in (0, 1)]
-    images = [torch.randn(3, 64, 64) for _ in range(12)]
+    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(12)]
     batcher = Batcher(BatcherConfig(8, 50.0, 64, EmbeddingPolicy.resolve("cpu")), lambda size, depth: None)
     batcher.start()
     try:
@@ -187,4 +188,4 @@ async def _embed_interleaved(batcher: Batcher, encoders: list[Encoder], images: 
 
 def _direct(encoder: Encoder, image: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return encoder(image.unsqueeze(0)).patches[0]
+        return encoder(normalise(image.unsqueeze(0))).patches[0]

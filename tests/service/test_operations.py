@@ -77,6 +77,8 @@ def test_32_concurrent_requests_succeed_in_batches(settings_for: Callable[..., S
         singles = metric(text, 'ace_batch_size_bucket{le="1.0"}')
         assert batches - singles > 0, "no batch of more than one image ran"
         assert metric(text, 'ace_requests_total{method="POST",route="/match",status="200"}') == 32
+        worker = metric(text, "ace_worker_cpu_seconds_total")
+        assert 0 < worker < metric(text, "process_cpu_seconds_total")  # the model's share, and the rest
 
 
 def test_full_queue_answers_429_with_retry_after(settings_for: Callable[..., Settings]) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ace_model.encoder import Encoder, load_encoder
 from ace_model.match import Levels, common_looks, look_scales, match_points
-from ace_model.preprocess import CoordinateMap, DecodedImage, load_image, prepare
+from ace_model.preprocess import CoordinateMap, DecodedImage, load_image, normalise, prepare
 from service.config import Settings
 from tests.service.helpers import running_server
 from training.landmarks import LandmarkImage, read_landmark_set
@@ -44,7 +44,7 @@ def embed_all(encoder: Encoder, image: DecodedImage) -> tuple[Levels, list[Level
     levels = []
     with torch.inference_mode():
         for tensor, coords in inputs:
-            out = encoder(tensor[None])
+            out = encoder(normalise(tensor[None]))
             levels.append(Levels.of(out.patches[0], None if out.fine is None else out.fine[0], coords))
     return levels[0], levels[1:], inputs[0][1]
 
