@@ -303,6 +303,8 @@ def _dicom_header(ds: pydicom.Dataset, inflated: int, encoded_bytes: int, max_pi
         copies += 4 * raw  # the codec's image and bytes, colour conversion or bit unpacking temporaries
     if uid == DeflatedExplicitVRLittleEndian:
         copies += 2 * inflated + raw  # the whole inflated dataset, and pydicom's copy of it
+    if not uid.is_little_endian:
+        copies += raw  # the stored values in native byte order (viewed big-endian data is converted)
     luts = any(k in ds for k in ("RescaleSlope", "ModalityLUTSequence", "WindowCenter", "VOILUTSequence"))
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     signed = _whole(ds, "PixelRepresentation", 0) == 1
@@ -385,7 +387,8 @@ def _grey_by_table(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndar
     at most 65,536 values, not on every pixel): the same result as _grey_in_bands, several times
     faster. Keys are the raw bit patterns, unused high bits included."""
     keys_dtype = np.dtype(f"u{raw.dtype.itemsize}")
-    domain = stored_values(np.arange(1 << (8 * raw.dtype.itemsize), dtype=keys_dtype).view(raw.dtype), unused)
+    native = raw.dtype.newbyteorder("=")  # big-endian files are viewed as stored: keys are by value
+    domain = stored_values(np.arange(1 << (8 * raw.dtype.itemsize), dtype=keys_dtype).view(native), unused)
     values, windowed = _grey_values(lambda lut: lut(domain), ds)
     keys = raw.astype(keys_dtype, copy=False)  # signed values wrap to their bit pattern, as in domain
     if windowed:

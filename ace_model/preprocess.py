@@ -46,7 +46,6 @@ __all__ = [
     "DecodedImage",
     "ImageDecodeError",
     "ImageHeader",
-    "channel_mean",
     "decode_image",
     "decode_memory_bytes",
     "decode_side",
@@ -175,22 +174,15 @@ def letterbox_tensor(image: DecodedImage, size: int) -> torch.Tensor:
 MEAN_OF_CHANNELS = (1 / 3, 1 / 3, 1 / 3, 0)  # Pillow's RGB -> L matrix: what the dense encoder averages
 
 
-def channel_mean(image: DecodedImage) -> DecodedImage:
-    """A colour image as the mean of its channels (grey: itself), what an encoder that `reads_grey`
-    sees of it."""
-    if is_grey(image.pixels):
-        return image
-    mean = to_pil(image).convert("L", matrix=MEAN_OF_CHANNELS)
-    return replace(image, pixels=grey_to_rgb(np.asarray(mean)))
-
-
 def encoder_view(image: DecodedImage, img_size: int, reads_grey: bool) -> DecodedImage:
     """What every model input of the image (the base size and each look) is made from: for an
     encoder that `reads_grey`, a colour image as the mean of its channels (resizing one channel
     costs a third of three); then fitted within decode_side(img_size), so no input is resized from
-    more than that side (the integer reduction of decoding leaves up to twice it). The index, the
-    service and `ace eval` all make inputs from this view, so an image embeds alike through each.
-    Coordinates are unaffected: `width`, `height` stay the original's."""
+    more than that side (the integer reduction of decoding leaves up to twice it). The index and
+    the service make every input from this view of the image decoded at decode_side, so an image
+    embeds alike through either; `ace eval` from the view of the full-size image, within a few grey
+    levels of it (no integer reduction first). Coordinates are unaffected: `width`, `height` stay
+    the original's."""
     height, width = image.pixels.shape[:2]
     side = decode_side(img_size)
     averaged = reads_grey and not is_grey(image.pixels)

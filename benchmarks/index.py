@@ -36,7 +36,7 @@ from PIL import Image
 
 from ace_model import index as ix
 from ace_model.encoder import Encoder, EncoderSpec, load_encoder
-from ace_model.preprocess import CoordinateMap, decode_image, letterbox_tensor
+from ace_model.preprocess import CoordinateMap, decode_image, letterbox_tensor, normalise
 from training.build_index import EmbedOptions, default_decode_threads, run_build
 from training.phantoms import generate_phantom
 
@@ -67,7 +67,7 @@ def _worker_init() -> None:
 
 
 def phantom_input(job: tuple[int, int, int]) -> np.ndarray:
-    """(3, size, size) model input of one phantom view, read back from PNG like a file on disk."""
+    """(3, size, size) uint8 model input of one phantom view, read back from PNG like a file on disk."""
     subject, view, size = job
     return letterbox_tensor(decode_image(phantom_png(subject, view)), size).numpy()
 
@@ -85,7 +85,8 @@ def embed_phantoms(encoder: Encoder, first_subject: int, count: int, workers: in
     with pool, torch.inference_mode():
         inputs = pool.map(phantom_input, jobs, chunksize=8)
         for start, batch in batched(inputs, 16):
-            out[start : start + len(batch)] = encoder(torch.from_numpy(np.stack(batch))).patches.numpy()
+            inputs_u8 = torch.from_numpy(np.stack(batch))
+            out[start : start + len(batch)] = encoder(normalise(inputs_u8)).patches.numpy()
     return out
 
 
@@ -282,7 +283,7 @@ def bench_e2e(work: Path, encoder_dir: Path, encoder: Encoder, count: int, round
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, count, 16):
-                encoder(torch.stack(tensors[i : i + 16]))
+                encoder(normalise(torch.stack(tensors[i : i + 16])))
         raw.append(count / (time.perf_counter() - start))
         for w in workers:
             start = time.perf_counter()

@@ -19,8 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import Levels, refine_near
-from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image, encoder_view, prepare
+from ace_model.preprocess import CoordinateMap, ImageDecodeError, decode_image
 from service.batcher import QueueFullError, WorkerDownError
+from service.pipeline import base_input
 from service.queries import QuerySet
 from service.schemas import Match
 from service.state import AppState
@@ -54,8 +55,7 @@ def load_preview(index: PatchIndex, image_id: str, encoder: Encoder) -> Preview 
         image = decode_image(path.read_bytes())
     except (ImageDecodeError, OSError):
         return None  # a damaged preview leaves the hit at its patch centre
-    view = encoder_view(image, encoder.spec.img_size, encoder.spec.reads_grey)
-    tensor, coords = prepare(view, encoder.spec.img_size, encoder.grid)
+    tensor, coords = base_input(image, encoder)
     original = index.record(image_id).coords
     return Preview(image_id, tensor, coords, (image.width / original.orig_w, image.height / original.orig_h))
 

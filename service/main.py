@@ -59,11 +59,18 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPIOffline(title="ACE correspondence service", version="0.1.0", lifespan=lifespan,
                          description="Patch retrieval and cross-patient anatomical correspondence "
                                      "for chest X-rays.")
+    # registered once per app (a lifespan may run more than once): reads the running worker's
+    app_metrics.track_worker_cpu(lambda: _worker_cpu_s(app))
     _add_middleware(app, settings, app_metrics)
     install_error_handlers(app)
     for router in _routers():
         app.include_router(router)
     return app
+
+
+def _worker_cpu_s(app: FastAPI) -> float:
+    state: AppState | None = getattr(app.state, "ace", None)
+    return state.batcher.worker_cpu_s if state is not None else 0.0
 
 
 def create_app_from_env() -> FastAPI:
@@ -92,7 +99,6 @@ def _start(settings: Settings, app_metrics: Metrics) -> AppState:
     config = BatcherConfig(settings.max_batch_size, settings.max_wait_ms, settings.queue_size,
                            policy, settings.worker_stall_s)
     batcher = Batcher(config, app_metrics.observe_batch)
-    app_metrics.track_worker_cpu(lambda: batcher.worker_cpu_s)
     batcher.start()
 
     def load_ready(directory: Path, fingerprint: str) -> Encoder:

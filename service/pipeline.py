@@ -23,13 +23,18 @@ from ace_model.encoder import Encoder
 from ace_model.index import PatchIndex
 from ace_model.match import Levels, look_scales
 from ace_model.preprocess import (
+    CoordinateMap,
     DecodedImage,
     ImageDecodeError,
     ImageHeader,
     decode_image,
     decode_memory_bytes,
+    decode_side,
+    encoder_view,
     inflated_bytes,
     peek_image,
+    prepare,
+    reduction_factor,
 )
 from service.batcher import Embedded, QueueFullError, WorkerDownError
 from service.config import Settings
@@ -39,6 +44,8 @@ from service.state import AppState
 
 FLOAT = 4  # bytes
 WORK_FACTOR = 2  # similarity maps and copies made while matching, beside the tensors themselves
+VIEW_COLOUR_BYTES = 3 + 4 + 1  # per decoded pixel: see model_bytes
+VIEW_GREY_BYTES = 1 + 1
 
 
 @dataclass(frozen=True)
@@ -120,15 +127,27 @@ def _describe(uploads: list[Upload]) -> str:
     return "the uploaded image" if len(uploads) == 1 else f"the {len(uploads)} uploaded images"
 
 
-def model_bytes(encoder: Encoder, header: ImageHeader, max_look: int) -> int:
-    """Upper bound of one image's model inputs and embeddings at its base size and every look."""
+def base_input(image: DecodedImage, encoder: Encoder) -> tuple[torch.Tensor, CoordinateMap]:
+    """The image's uint8 model input at the encoder's size (made from its `encoder_view`, as the
+    index makes it) and its coordinate map. Call from a worker thread: it resizes."""
     size = encoder.spec.img_size
+    return prepare(encoder_view(image, size, encoder.spec.reads_grey), size, encoder.grid)
+
+
+def model_bytes(encoder: Encoder, header: ImageHeader, max_look: int) -> int:
+    """Upper bound of one image's encoder view (encoder_view copies the decoded pixels into Pillow:
+    RGB, its 4-byte RGBX image and the averaged or resized result; grey: the L image and the
+    result) and its model inputs and embeddings at its base size and every look."""
+    size = encoder.spec.img_size
+    factor = reduction_factor(header.width, header.height, decode_side(size))
+    decoded_pixels = -(-header.width // factor) * -(-header.height // factor)
+    view = decoded_pixels * (VIEW_COLOUR_BYTES if header.channels >= 3 else VIEW_GREY_BYTES)
     scales = (1, *look_scales(header.width, header.height, size, max_look)) if encoder.spec.is_dense else (1,)
     per_pixel = 3 + encoder.dim / (size / encoder.grid) ** 2  # input channels + coarse vectors
     levels = encoder.levels().get("fine")
     if levels is not None:
         per_pixel += levels["dim"] / levels["stride"] ** 2
-    return int(WORK_FACTOR * FLOAT * per_pixel * sum((s * size) ** 2 for s in scales))
+    return view + int(WORK_FACTOR * FLOAT * per_pixel * sum((s * size) ** 2 for s in scales))
 
 
 async def embed(state: AppState, tensors: list[torch.Tensor], encoder: Encoder) -> list[Embedded]:

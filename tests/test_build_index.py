@@ -130,7 +130,7 @@ def test_threaded_decoding_keeps_order_and_reports_bad_files(tmp_path: Path, dat
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     items = [*bi.collect_sources(dataset), bi.ImageSource("broken", broken)]
-    decoded = bi.DecodedImages(items, 64, 4)
+    decoded = bi.DecodedImages(items, 64, 4, grey=False)
     positions = [6, 0, 3, 5, 1, 2, 4]
     inline = list(bi.decoded_batches(decoded, positions, 3, workers=0))
     threaded = list(bi.decoded_batches(decoded, positions, 3, workers=2))

@@ -15,13 +15,13 @@ import pytest
 import torch
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian
 
 from ace_model.config import PIXEL_MEAN, PIXEL_STD
 from ace_model.embedding import EmbeddingPolicy
 from ace_model.encoder import DENSE_BACKBONE, Embeddings, Encoder, EncoderSpec
 from ace_model.preprocess import (
     DecodedImage,
-    channel_mean,
     decode_image,
     decode_side,
     encoder_view,
@@ -66,6 +66,21 @@ def with_voi_lut(pixels: np.ndarray) -> bytes:
     return _saved(ds)
 
 
+def big_endian(pixels: np.ndarray, **elements: object) -> bytes:
+    """Explicit VR Big Endian (pixel data viewed as stored, byte-swapped relative to the machine)."""
+    read = pydicom.dcmread(pydicom.filebase.DicomBytesIO(dicom_image(pixels.astype(np.uint16))))
+    ds = Dataset()  # a new dataset: pydicom will not re-encode a read one in the other byte order
+    for element in read:
+        ds.add(element)
+    ds.file_meta = read.file_meta
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    return _saved(ds)
+
+
 def _saved(ds: Dataset) -> bytes:
     out = pydicom.filebase.DicomBytesIO()
     ds.save_as(out, enforce_file_format=True)
@@ -80,6 +95,9 @@ DICOMS: dict[str, Callable[[], bytes]] = {
     "signed, rescaled, window": lambda: signed(WIDE.astype(np.int32) - 1500),
     "12 of 16 bits, high bits set": lambda: high_bits_set(WIDE),
     "VOI LUT sequence": lambda: with_voi_lut(WIDE),
+    "big endian, no VOI": lambda: big_endian(WIDE),
+    "big endian, signed, window": lambda: big_endian(WIDE.astype(np.int16) - 1500, WindowCenter=0,
+                                                     WindowWidth=2500),
     "8-bit grey, window": lambda: dicom_image((texture(30, 50, 4) * 255).astype(np.uint8),
                                               WindowCenter=100, WindowWidth=120),
 }
@@ -107,11 +125,15 @@ def test_the_lookup_table_gives_what_pydicoms_per_pixel_luts_give(name: str) -> 
     expected = reference_grey(data)
     assert np.abs(decoded - expected).max() <= 0.5 + 1e-3  # rounding to 8 bits only
     assert expected.max() - expected.min() > 100  # the case has contrast to get wrong
+    reduced = decode_image(data, max_side=20).pixels[:, :, 0].astype(np.float64)  # 2x2 block means first
+    rows, cols = expected.shape[0] // 2, expected.shape[1] // 2
+    means = expected[: 2 * rows, : 2 * cols].reshape(rows, 2, cols, 2).mean(axis=(1, 3))
+    assert np.corrcoef(reduced[:rows, :cols].ravel(), means.ravel())[0, 1] > 0.95  # the same picture
 
 
-def test_channel_mean_is_the_mean_of_the_channels() -> None:
+def test_a_grey_reading_encoders_view_is_the_mean_of_the_channels() -> None:
     rgb = np.stack([(texture(40, 50, s) * 255).astype(np.uint8) for s in (1, 2, 3)], axis=2)
-    grey = channel_mean(DecodedImage(rgb, "png"))
+    grey = encoder_view(DecodedImage(rgb, "png"), 224, reads_grey=True)  # small: averaged, not resized
     assert grey.pixels.strides[2] == 0 and (grey.width, grey.height) == (50, 40)
     assert np.abs(grey.pixels[:, :, 0] - rgb.mean(axis=2)).max() <= 0.5 + 1e-3
 

@@ -148,7 +148,7 @@ def _check_unique(items: list[ImageSource]) -> None:
 class DecodedImages:
     """Decode + letterbox + thumbnail of one image; run in threads beside inference."""
 
-    def __init__(self, items: Sequence[ImageSource], size: int, grid: int, grey: bool = False) -> None:
+    def __init__(self, items: Sequence[ImageSource], size: int, grid: int, grey: bool) -> None:
         self.items, self.size, self.grid, self.grey = items, size, grid, grey  # grey: spec.reads_grey
 
     def __len__(self) -> int:

@@ -31,14 +31,20 @@ from ace_model.preprocess import (
     DecodedImage,
     ImageDecodeError,
     decode_side,
-    encoder_view,
     load_image,
-    prepare,
     thumbnail_jpeg,
     to_pil,
 )
 from service.errors import ApiError, documented, invalid
-from service.pipeline import check_ids, check_targets, decoded, embed, indexed_levels, read_uploads
+from service.pipeline import (
+    base_input,
+    check_ids,
+    check_targets,
+    decoded,
+    embed,
+    indexed_levels,
+    read_uploads,
+)
 from service.queries import QueryShapes, check_inside, is_coordinate
 from service.state import app_state
 
@@ -212,10 +218,8 @@ async def heatmap(
         encoder, index = generation.encoder, generation.index
         check_ids(index, ids)
         indexed = [_Target(i, indexed_levels(index, i), index.record(i).coords) for i in ids] if index else []
-        size, grid = encoder.spec.img_size, encoder.grid
-        async with decoded(state, uploads, decode_side(size), encoder) as images:
-            views = [encoder_view(d, size, encoder.spec.reads_grey) for d in images]
-            prepared = [await run_in_threadpool(prepare, v, size, grid) for v in views]
+        async with decoded(state, uploads, decode_side(encoder.spec.img_size), encoder) as images:
+            prepared = [await run_in_threadpool(base_input, d, encoder) for d in images]
             check_inside(shapes, prepared[0][1])
             embedded = await embed(state, [tensor for tensor, _ in prepared], encoder)
             levels = [Levels.of(e.patches, e.fine, c) for e, (_, c) in zip(embedded, prepared, strict=True)]

@@ -11,8 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.main import create_app
 from tests.service.helpers import ADMIN, block_texture, build_index, png_bytes, running_server, wait_for
 
 IMAGE = png_bytes(block_texture(7, 96, 80))
@@ -163,3 +165,12 @@ def test_cors_allows_only_configured_origins(settings_for: Callable[..., Setting
             preflight = client.options("/match", headers={"Origin": origin,
                                                           "Access-Control-Request-Method": "POST"})
             assert preflight.headers.get("access-control-allow-origin") == expected
+
+
+def test_a_second_lifespan_of_one_app_exports_each_metric_once(settings_for: Callable[..., Settings]) -> None:
+    app = create_app(settings_for())
+    for _ in range(2):  # e.g. a test client entered twice: the worker restarts, its metric does not repeat
+        with TestClient(app) as client:
+            text = client.get("/metrics").text
+    assert len(re.findall(r"^ace_worker_cpu_seconds_total ", text, re.MULTILINE)) == 1
+    assert metric(text, "ace_worker_cpu_seconds_total") > 0  # the running worker's, after its warm-up
