@@ -199,11 +199,33 @@ class Maps:
     stride: float  # target px per cell of these maps
 
 
+def _fine_near(queries: torch.Tensor, fine: torch.Tensor, centre_px: torch.Tensor, radius_px: float,
+               stride: float) -> torch.Tensor:
+    """The fine similarity map (N, H, W) only where a second look can use it: the cells within
+    radius_px of each centre (N, 2) px and one more cell around them (the sub-cell fit's
+    neighbours); MASKED elsewhere. A look's window is a few dozen cells of its H x W: the full maps
+    were most of a request's matching time."""
+    h, w, _ = fine.shape
+    reach = int(np.ceil(radius_px / stride)) + 2  # cells from the centre's cell to the crop's edge
+    span = torch.arange(-reach, reach + 1)
+    centre_cell = torch.floor(centre_px / stride).long()  # (N, 2) col, row
+    rows = (centre_cell[:, 1:2] + span).clamp(0, h - 1)  # (N, k): clamped duplicates rewrite a cell
+    cols = (centre_cell[:, 0:1] + span).clamp(0, w - 1)
+    crops = fine[rows[:, :, None], cols[:, None, :]]  # (N, k, k, d)
+    sims = torch.einsum("nd,nijd->nij", queries.float(), crops.float())
+    out = torch.full((len(queries), h, w), MASKED)
+    out[torch.arange(len(queries))[:, None, None], rows[:, :, None], cols[:, None, :]] = sims
+    return out
+
+
 def similarity(query: Levels, query_px: torch.Tensor, target: Levels, options: MatchOptions,
-               query_coarse: torch.Tensor | None = None) -> Maps:
+               query_coarse: torch.Tensor | None = None,
+               near: tuple[torch.Tensor, float] | None = None) -> Maps:
     """Similarity maps of the query points (N, 2) px of `query` over the target, on the finest
     grid used. The upsampled coarse map decides *which* peak; it is smooth at the fine scale and
-    would pull the sub-cell fit towards its own cell centres, so the fine map alone refines it."""
+    would pull the sub-cell fit towards its own cell centres, so the fine map alone refines it.
+    near (centres (N, 2) px, radius px): only those windows will be searched, so the fine map is
+    computed there alone (_fine_near)."""
     use_fine = options.mode != "coarse" and query.fine is not None and target.fine is not None
     grid = target.fine if use_fine and target.fine is not None else target.coarse
     size = (int(grid.shape[0]), int(grid.shape[1]))
@@ -211,7 +233,9 @@ def similarity(query: Levels, query_px: torch.Tensor, target: Levels, options: M
     if not use_fine or query.fine is None or target.fine is None:
         sim = sharp = _level_map(target.coarse, coarse_q, size)
     else:
-        sharp = _level_map(target.fine, sample_at(query.fine, query_px, query.side), size)
+        fine_q = sample_at(query.fine, query_px, query.side)
+        sharp = _level_map(target.fine, fine_q, size) if near is None else \
+            _fine_near(fine_q, target.fine, near[0], near[1], target.side / size[0])
         w = 0.0 if options.mode == "fine" else options.coarse_weight
         sim = sharp if w == 0 else w * _level_map(target.coarse, coarse_q, size) + (1 - w) * sharp
     padding = ~target.valid(grid)[None]
@@ -262,9 +286,10 @@ def _look_again(query: tuple[Levels, Levels], query_px: torch.Tensor, target: tu
     """Search higher-resolution embeddings (query[1], target[1]) only around the previous answer;
     px of the base embeddings (query[0], target[0]) in and out."""
     (q_base, q_hi), (t_base, t_hi) = query, target
-    maps = similarity(q_hi, q_hi.from_level(q_base, query_px), t_hi, options, query_coarse)
     radius = options.second_look_radius * 2  # look px: 12 base px at 2x, 6 at 4x
-    peak, score = _peak(maps, options.refine, _near(maps, t_hi.from_level(t_base, previous_px), radius))
+    centre = t_hi.from_level(t_base, previous_px)
+    maps = similarity(q_hi, q_hi.from_level(q_base, query_px), t_hi, options, query_coarse, (centre, radius))
+    peak, score = _peak(maps, options.refine, _near(maps, centre, radius))
     return t_base.from_level(t_hi, peak), score
 
 

@@ -73,13 +73,16 @@ def test_refinement_ignores_masked_neighbours() -> None:
 # ---------------------------------------------------------------------------------------------
 # Two levels, coarse to fine
 
+import ace_model.match as match_module  # noqa: E402
 from ace_model.match import (  # noqa: E402
     Levels,
     MatchOptions,
+    _fine_near,
     common_looks,
     look_scales,
     match_points,
     refine_near,
+    similarity_maps,
 )
 
 
@@ -202,3 +205,35 @@ def test_a_box_is_the_mean_of_the_cells_it_covers_or_the_cell_under_its_centre()
     expected = F.normalize(grid[:2, :2].reshape(-1, grid.shape[-1]).sum(0), dim=0)
     torch.testing.assert_close(vectors[0], expected)
     torch.testing.assert_close(vectors[1], grid[2, 2])
+
+
+def test_a_second_look_answers_as_if_it_had_the_whole_fine_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look computes its fine map only around each previous answer (_fine_near); the answers,
+    scores and confidences equal those from the whole map, including windows at the image border."""
+    query, target = smooth_levels(64, seed=3), smooth_levels(64, shift_px=(4, -4), seed=3)
+    looks = [(smooth_levels(128, seed=3), smooth_levels(128, shift_px=(8, -8), seed=3)),
+             (smooth_levels(256, seed=3), smooth_levels(256, shift_px=(16, -16), seed=3))]
+    points = np.array([[30.0, 30.0], [2.0, 60.0], [61.0, 3.0], [10.0, 12.5], [50.0, 44.0]])
+    options = MatchOptions(look_min_confidence=0.0)  # every point takes both looks
+    cropped = match_points(query, points, target, options, second_look=looks)
+    monkeypatch.setattr(match_module, "_fine_near",
+                        lambda queries, fine, centre, radius, stride: similarity_maps(queries, fine))
+    whole = match_points(query, points, target, options, second_look=looks)
+    np.testing.assert_allclose(cropped.xy, whole.xy, atol=1e-4)
+    np.testing.assert_allclose(cropped.score, whole.score, atol=1e-5)
+    np.testing.assert_array_equal(cropped.mutual, whole.mutual)
+    np.testing.assert_allclose(cropped.confidence, whole.confidence, atol=1e-6)
+
+
+def test_the_fine_map_near_a_centre_is_the_whole_maps_there_and_masked_elsewhere() -> None:
+    levels = smooth_levels(128, seed=5)
+    queries = levels.fine[[3, 30], [4, 1]]  # (2, d)
+    centres = torch.tensor([[20.0, 14.0], [126.0, 1.0]])  # px; the second at the border
+    near = _fine_near(queries, levels.fine, centres, 12.0, 4.0)
+    whole = similarity_maps(queries, levels.fine)
+    computed = near > MASKED
+    torch.testing.assert_close(near[computed], whole[computed], atol=1e-6, rtol=0)
+    cells = (torch.arange(32) + 0.5) * 4.0
+    for n in range(2):  # every cell a 12 px window can reach, and its neighbours, were computed
+        dist = ((cells[None, :] - centres[n, 0]) ** 2 + (cells[:, None] - centres[n, 1]) ** 2).sqrt()
+        assert computed[n][dist <= 12.0 + 4.0 * 1.5].all() and not computed[n].all()
