@@ -41,8 +41,9 @@ from ace_model.decode_arrays import (
     block_mean,
     finite_range,
     minmax_u8,
+    rows_per_band,
+    scale_u8,
     stored_values,
-    to_u8,
 )
 from ace_model.errors import ImageDecodeError
 
@@ -391,19 +392,16 @@ def _grey_by_table(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndar
     domain = stored_values(np.arange(1 << (8 * raw.dtype.itemsize), dtype=keys_dtype).view(native), unused)
     values, windowed = _grey_values(lambda lut: lut(domain), ds)
     keys = raw.astype(keys_dtype, copy=False)  # signed values wrap to their bit pattern, as in domain
-    if windowed:
-        low, high = 0.0, 1.0
-    else:  # the range of the values the image holds, as min-max scaling of the image would see it
-        low, high = finite_range(values[_present(keys, len(values))])
-    table = np.zeros(len(values), np.uint8) if high <= low else to_u8(
-        (values - np.float32(low)) * np.float32(255 / (high - low)) + np.float32(0.5))
+    # windowed: [0, 1]; else the range of the values the image holds, as min-max scaling would see it
+    low, high = (0.0, 1.0) if windowed else finite_range(values[_present(keys, len(values))])
+    table = scale_u8(values, low, high)
     return table[keys]  # indexing by the small keys directly: np.take would copy them to intp
 
 
 def _present(keys: np.ndarray, size: int) -> np.ndarray:
     """(size,) bool: which keys occur. Counted a band of rows at a time, since bincount copies what
     it counts to intp (8 bytes per pixel)."""
-    rows = max(1, BAND_PIXELS // max(1, keys.shape[1]))
+    rows = rows_per_band(keys.shape[1])
     counts = np.zeros(size, np.int64)
     for top in range(0, keys.shape[0], rows):
         counts += np.bincount(keys[top : top + rows].ravel(), minlength=size)
@@ -413,7 +411,7 @@ def _present(keys: np.ndarray, size: int) -> np.ndarray:
 def _grey_in_bands(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndarray:
     """Wider stored values (32-bit, float), band by band: pydicom's LUTs make several float64
     copies of what they are given."""
-    rows = max(1, BAND_PIXELS // max(1, raw.shape[1]))
+    rows = rows_per_band(raw.shape[1])
 
     def in_bands(lut: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         out = np.empty(raw.shape, np.float32)
@@ -422,11 +420,7 @@ def _grey_in_bands(raw: np.ndarray, unused: int, ds: pydicom.Dataset) -> np.ndar
         return out
 
     values, windowed = _grey_values(in_bands, ds)
-    if not windowed:
-        return minmax_u8(values)
-    values *= np.float32(255)
-    values += np.float32(0.5)
-    return to_u8(values)
+    return scale_u8(values, 0.0, 1.0) if windowed else minmax_u8(values)
 
 
 Lut = Callable[[np.ndarray], np.ndarray]  # stored values -> float32 values

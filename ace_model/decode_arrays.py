@@ -23,19 +23,24 @@ def finite_range(values: np.ndarray) -> tuple[float, float]:
 
 def minmax_u8(values: np.ndarray) -> np.ndarray:
     """float32 `values` (owned by the caller: scaled in place) -> uint8 over their range, rounded."""
-    low, high = finite_range(values)
+    return scale_u8(values, *finite_range(values))
+
+
+def scale_u8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """float32 `values` (owned by the caller: scaled in place) -> uint8, low -> 0 and high -> 255,
+    rounded and clipped; all 0 when high <= low."""
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    values -= low
+    values -= np.float32(low)
     values *= np.float32(255 / (high - low))
     values += np.float32(0.5)
-    return to_u8(values)
-
-
-def to_u8(values: np.ndarray) -> np.ndarray:
-    """float values in [0, 255.5] -> uint8, truncating (add 0.5 first to round)."""
     np.clip(values, 0, 255, out=values)
     return values.astype(np.uint8)
+
+
+def rows_per_band(width: int) -> int:
+    """Rows of a `width` px image in one band of about BAND_PIXELS (at least one row)."""
+    return max(1, BAND_PIXELS // max(1, width))
 
 
 def block_mean(rows: Callable[[int, int], np.ndarray], height: int, width: int, factor: int,
@@ -77,7 +82,7 @@ def _block_sums(band: np.ndarray, factor: int) -> np.ndarray:
 
 def _band_rows(width: int, height: int, factor: int) -> int:
     """Rows block_mean reads at once: whole blocks, about BAND_PIXELS, at most 1/32 of the image
-    (so a reduced decode never needs more memory than a full one)."""
+    (so its float64 sums stay a small share of what a full decode holds)."""
     return factor * max(1, min(BAND_PIXELS // (factor * width), height // (32 * factor)))
 
 
